@@ -1,0 +1,662 @@
+"""Tests of certmin.py: soundness of every bound (property-based), attacks, schedules, the two-gradient
+rule and its distributed form. Real data and weights are read from ../shared (or $CERTMIN_SHARED)."""
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import certmin
+
+SHARED = Path(os.environ.get("CERTMIN_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+PROP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TOL64 = 1e-9   # relative tolerance (times 1 + the largest magnitude involved) in float64
+TOL32 = 2e-5   # the same in float32
+
+# ----------------------------------------------------------------------------------------------
+# Random networks and boxes
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def networks(draw, max_classes=4):
+    """A random Sequential of Conv2d/Linear/ReLU/Flatten/Normalize layers, an input batch and a label
+    batch. Weight scales up to 10, strides, padding, and affine layers without a ReLU between."""
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    ch, side = draw(st.integers(1, 2)), draw(st.integers(3, 7))
+    layers = []
+    if draw(st.booleans()):
+        layers.append(certmin.Normalize(torch.rand(ch, generator=g).tolist(),
+                                        (0.2 + torch.rand(ch, generator=g)).tolist()))
+    c, s = ch, side
+    for _ in range(draw(st.integers(0, 2))):
+        k = draw(st.integers(1, min(3, s)))
+        stride, pad = draw(st.integers(1, 2)), draw(st.integers(0, 1))
+        out = draw(st.integers(1, 4))
+        layers.append(nn.Conv2d(c, out, k, stride, pad))
+        c, s = out, (s + 2 * pad - k) // stride + 1
+        if draw(st.integers(0, 3)) > 0:
+            layers.append(nn.ReLU())
+    layers.append(nn.Flatten())
+    n = c * s * s
+    for _ in range(draw(st.integers(0, 2))):
+        out = draw(st.integers(1, 8))
+        layers.append(nn.Linear(n, out))
+        n = out
+        if draw(st.integers(0, 3)) > 0:
+            layers.append(nn.ReLU())
+    classes = draw(st.integers(2, max_classes))
+    layers.append(nn.Linear(n, classes))
+    net = nn.Sequential(*layers).double()
+    scale = draw(st.sampled_from([0.3, 1.0, 3.0, 10.0]))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale / math.sqrt(p[0].numel()))
+    batch = draw(st.integers(1, 3))
+    x = torch.rand(batch, ch, side, side, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return net, x, y, classes
+
+
+def spec_out(net, pts, C):
+    z = net(pts)
+    return z if C is None else (C @ z.unsqueeze(-1)).squeeze(-1)
+
+
+def attack_bound(net, xl, xu, C, steps=25):
+    """Points inside the box that push each specification row down and up: PGD against the bound."""
+    N = xl.shape[0]
+    S = (C.shape[1] if C is not None else net(xl[:1]).shape[1])
+    rows = torch.arange(S).repeat(2)
+    sign = torch.cat([torch.ones(S), -torch.ones(S)]).to(xl.dtype)
+    lo, hi = xl.repeat_interleave(2 * S, 0), xu.repeat_interleave(2 * S, 0)
+    Cr = C.repeat_interleave(2 * S, 0) if C is not None else None
+    x = lo + (hi - lo) * torch.rand_like(lo)
+    for k in range(steps):
+        x.requires_grad_(True)
+        out = spec_out(net, x, Cr).view(N, 2 * S, -1)[:, torch.arange(2 * S), rows]
+        g, = torch.autograd.grad((out * sign).sum(), x)
+        step = (hi - lo) * 0.25 * (1 - k / steps)
+        x = torch.min(torch.max(x.detach() - step * g.sign(), lo), hi)
+    return x.view(N, 2 * S, *xl.shape[1:])
+
+
+def sample_points(net, xl, xu, C, n=48):
+    """(N, P, *shape): uniform points, random box corners and attacked points for every example."""
+    N = xl.shape[0]
+    shape = xl.shape[1:]
+    u = torch.rand(N, n, *shape, dtype=xl.dtype)
+    corners = (torch.rand(N, n, *shape) < 0.5).to(xl.dtype)
+    lo, hi = xl.unsqueeze(1), xu.unsqueeze(1)
+    pts = [lo + (hi - lo) * u, lo + (hi - lo) * corners, attack_bound(net, xl, xu, C)]
+    return torch.cat(pts, 1)
+
+
+def assert_contains(net, xl, xu, C, lb, ub, tol):
+    pts = sample_points(net, xl, xu, C)
+    N, P = pts.shape[:2]
+    Cr = C.repeat_interleave(P, 0) if C is not None else None
+    with torch.no_grad():
+        out = spec_out(net, pts.flatten(0, 1), Cr).view(N, P, -1)
+    scale = 1 + max(out.abs().max().item(), lb.abs().max().item(), ub.abs().max().item())
+    low_gap = (lb.unsqueeze(1) - out).max().item()
+    high_gap = (out - ub.unsqueeze(1)).max().item()
+    assert low_gap <= tol * scale, f"lower bound exceeds an output by {low_gap}"
+    assert high_gap <= tol * scale, f"upper bound below an output by {high_gap}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Soundness
+# ----------------------------------------------------------------------------------------------
+
+
+@PROP
+@given(networks(), st.floats(0, 0.5), st.sampled_from(certmin.METHODS), st.booleans())
+def test_bounds_are_sound(case, eps, method, with_C):
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double() if with_C else None
+    xl, xu = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, xl, xu, C, method)
+    assert lb.shape == ub.shape == (len(x), classes - 1 if with_C else classes)
+    assert_contains(net, xl, xu, C, lb, ub, TOL64)
+
+
+@settings(max_examples=15, deadline=None)
+@given(networks(), st.floats(0, 0.3), st.sampled_from(certmin.METHODS))
+def test_bounds_are_sound_in_float32(case, eps, method):
+    net, x, y, classes = case
+    net, x = net.float(), x.float()
+    C = certmin.margin_spec(y, classes)
+    xl, xu = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, xl, xu, C, method)
+    assert lb.dtype == torch.float32
+    assert_contains(net, xl, xu, C, lb, ub, TOL32)
+
+
+@PROP
+@given(networks(), st.sampled_from(certmin.METHODS), st.booleans())
+def test_zero_eps_gives_the_forward_output(case, method, with_C):
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double() if with_C else None
+    lb, ub = certmin.bounds(net, x, x, C, method)
+    out = spec_out(net, x, C).detach()
+    tol = TOL64 * (1 + out.abs().max().item())
+    assert (lb - out).abs().max() <= tol and (ub - out).abs().max() <= tol
+
+
+@PROP
+@given(networks(), st.floats(0, 0.25), st.floats(0, 0.25), st.booleans())
+def test_ibp_bounds_are_nested_for_nested_boxes(case, eps, extra, with_C):
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double() if with_C else None
+    lb1, ub1 = certmin.bounds(net, *certmin.input_box(x, eps), C)
+    lb2, ub2 = certmin.bounds(net, *certmin.input_box(x, eps + extra), C)
+    tol = TOL64 * (1 + max(lb2.abs().max().item(), ub2.abs().max().item()))
+    assert (lb2 - lb1).max() <= tol and (ub1 - ub2).max() <= tol
+
+
+@PROP
+@given(networks(), st.floats(0, 0.5), st.sampled_from(certmin.METHODS))
+def test_elided_margins_are_at_least_as_tight_as_logit_differences(case, eps, method):
+    net, x, y, classes = case
+    xl, xu = certmin.input_box(x, eps)
+    C = certmin.margin_spec(y, classes).double()
+    m_lb, _ = certmin.bounds(net, xl, xu, C, method)
+    z_lb, z_ub = certmin.bounds(net, xl, xu, None, method)
+    others = torch.stack([torch.tensor([j for j in range(classes) if j != t]) for t in y.tolist()])
+    diff = z_lb.gather(1, y[:, None]) - z_ub.gather(1, others)
+    tol = TOL64 * (1 + diff.abs().max().item())
+    assert (diff - m_lb).max() <= tol
+
+
+def test_margin_bounds_with_a_normalize_layer_and_one_sample():
+    """The box is in pixel space even when Normalize rescales channels by 1/std = 5."""
+    net = nn.Sequential(certmin.Normalize([0.5], [0.2]), nn.Flatten(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[2].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+        net[2].bias.zero_()
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    lb, ub = certmin.bounds(net, *certmin.input_box(x, 0.1))
+    assert torch.allclose(lb[0], torch.tensor([-0.5, 0.0], dtype=torch.float64))
+    assert torch.allclose(ub[0], torch.tensor([0.5, 0.0], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# CROWN-IBP and CROWN against an independent dense reference (Zhang et al. 2020 definitions)
+# ----------------------------------------------------------------------------------------------
+
+
+def dense(net, shape):
+    """Every layer as ("relu",) or ("affine", W, b) on flattened vectors, built by probing the layer
+    with basis vectors: no shared code with certmin's transposed convolutions."""
+    out = []
+    for m in net:
+        if isinstance(m, nn.ReLU):
+            out.append(("relu",))
+            continue
+        n = math.prod(shape)
+        with torch.no_grad():
+            b = m(torch.zeros(1, *shape, dtype=torch.float64))
+            W = (m(torch.eye(n, dtype=torch.float64).view(n, *shape)) - b).flatten(1).T
+        out.append(("affine", W, b.flatten()))
+        shape = b.shape[1:]
+    return out
+
+
+def reference_bounds(net, xl, xu, C, full):
+    """Lower bound of C f over the box, one example: IBP for intermediate bounds (or CROWN when
+    full), and a CROWN backward pass with the adaptive relaxation for the output."""
+    layers = dense(net, xl.shape)
+    xl, xu = xl.flatten(), xu.flatten()
+
+    def backward(L, upto, pre):
+        bias = torch.zeros(L.shape[0], dtype=torch.float64)
+        for i in range(upto - 1, -1, -1):
+            if layers[i][0] == "affine":
+                bias, L = bias + L @ layers[i][2], L @ layers[i][1]
+            else:
+                l, u = pre[i]
+                dl, du, bu = torch.zeros_like(l), torch.zeros_like(l), torch.zeros_like(l)
+                for j in range(len(l)):
+                    if l[j] >= 0:
+                        dl[j] = du[j] = 1
+                    elif u[j] > 0:
+                        du[j] = u[j] / (u[j] - l[j])
+                        bu[j] = -l[j] * u[j] / (u[j] - l[j])
+                        dl[j] = 1.0 if u[j] > -l[j] else 0.0
+                bias = bias + L.clamp(max=0) @ bu
+                L = L.clamp(min=0) * dl + L.clamp(max=0) * du
+        return L.clamp(min=0) @ xl + L.clamp(max=0) @ xu + bias
+
+    pre, l, u = {}, xl, xu
+    for i, layer in enumerate(layers):  # intermediate bounds layer by layer
+        if layer[0] == "relu":
+            if full and sum(lay[0] == "affine" for lay in layers[:i]) > 1:
+                n = len(l)
+                eye = torch.eye(n, dtype=torch.float64)
+                l, u = backward(eye, i, pre), -backward(-eye, i, pre)
+            pre[i] = (l, u)
+            l, u = l.clamp(min=0), u.clamp(min=0)
+        else:
+            W, b = layer[1], layer[2]
+            c, r = W @ ((u + l) / 2) + b, W.abs() @ ((u - l) / 2)
+            l, u = c - r, c + r
+    return backward(C, len(layers), pre)
+
+
+@settings(max_examples=25, deadline=None)
+@given(networks(), st.floats(0, 0.5), st.booleans())
+def test_crown_ibp_and_crown_equal_the_reference(case, eps, full):
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double()
+    xl, xu = certmin.input_box(x, eps)
+    lb, _ = certmin.bounds(net, xl, xu, C, "crown" if full else "crown-ibp")
+    for n in range(len(x)):
+        ref = reference_bounds(net, xl[n], xu[n], C[n], full)
+        assert torch.allclose(lb[n], ref, rtol=1e-9, atol=1e-9 * (1 + ref.abs().max().item()))
+
+
+def test_crown_is_tighter_than_ibp_on_a_real_network():
+    net = load_shared_model("mnist_fc_3layer.pth")
+    x, y = mnist_test(16)
+    C = certmin.margin_spec(y, 10)
+    box = certmin.input_box(x, 0.02)
+    lb = {m: certmin.bounds(net, *box, C, m)[0] for m in certmin.METHODS}
+    assert (lb["crown"] >= lb["ibp"] - 1e-4).all()
+    assert lb["crown"].mean() > lb["crown-ibp"].mean() > lb["ibp"].mean()
+
+
+def test_unsupported_layer_names_itself_and_the_supported_ones():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.rand(1, 4)
+    with pytest.raises(TypeError, match=r"Tanh.*supported layers: Linear, Conv2d, ReLU, Flatten, Normalize"):
+        certmin.bounds(net, x, x)
+    with pytest.raises(ValueError, match="unknown bound method 'lp'"):
+        certmin.bounds(nn.Sequential(nn.Linear(4, 2)), x, x, method="lp")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        certmin.input_box(x, -0.1)
+    with pytest.raises(ValueError, match="empty"):
+        certmin.bounds(nn.Sequential(nn.Linear(4, 2)), x + 1, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The verified loss
+# ----------------------------------------------------------------------------------------------
+
+
+def test_margin_spec_and_input_box():
+    C = certmin.margin_spec(torch.tensor([2, 0]), 3)
+    assert C.tolist() == [[[-1, 0, 1], [0, -1, 1]], [[1, -1, 0], [1, 0, -1]]]
+    xl, xu = certmin.input_box(torch.tensor([0.05, 0.5, 0.98]), 0.1)
+    assert torch.allclose(xl, torch.tensor([0.0, 0.4, 0.88])) and torch.allclose(xu, torch.tensor([0.15, 0.6, 1.0]))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_verified_loss_gradcheck_float64(beta):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5), nn.ReLU(),
+                        nn.Linear(5, 3)).double()
+    x = (0.2 + 0.6 * torch.rand(2, 1, 4, 4, dtype=torch.float64)).requires_grad_(True)
+    y = torch.tensor([0, 2])
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return certmin.verified_loss(self.net, x, y, 0.05, beta=beta)[0]
+
+    wrapper = Loss()
+    names = [n for n, _ in wrapper.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(wrapper, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_verified_loss_matches_its_definition():
+    torch.manual_seed(2)
+    net = certmin.dm_small(side=12)
+    x, y = torch.rand(5, 1, 12, 12), torch.randint(0, 10, (5,))
+    loss, verified = certmin.verified_loss(net, x, y, 0.01, beta=0.25)
+    box, C = certmin.input_box(x, 0.01), certmin.margin_spec(y, 10)
+    m = 0.25 * certmin.bounds(net, *box, C, "crown-ibp")[0] + 0.75 * certmin.bounds(net, *box, C, "ibp")[0]
+    logits = torch.cat([torch.zeros(5, 1), -m], 1)  # class y first: CE is invariant to the order
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(5, dtype=torch.long)), atol=1e-5)
+    assert verified.tolist() == (m > 0).all(1).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real weights and real data
+# ----------------------------------------------------------------------------------------------
+
+
+def load_shared_model(name):
+    path = SHARED / "models" / name
+    assert path.exists(), f"missing {path}: the tests need ../shared beside the checkout"
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    kw = [nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+          nn.Linear(1568, 100), nn.ReLU(), nn.Linear(100, 10)]
+    nets = {"kw_mnist.pth": kw, "mnist_a_adv.pth": kw,
+            "mnist_cnn_small.pth": [nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(),
+                                    nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)],
+            "mnist_fc_3layer.pth": [nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                    nn.Linear(64, 10)],
+            "cifar_2c2f.pth": [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(3136, 32), nn.ReLU(), nn.Linear(32, 10)]}
+    net = nn.Sequential(*nets[name])
+    values = list(state.values())  # named keys (conv1, fc1, ...) follow the layer order too
+    targets = [p for p in net.state_dict()]
+    net.load_state_dict(dict(zip(targets, values)))
+    return net.eval()
+
+
+def mnist_test(n):
+    import gzip
+    import numpy as np
+    root = SHARED / "data" / "mnist"
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16)[:n * 784]
+    with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+    return torch.tensor(x, dtype=torch.float32).view(n, 1, 28, 28) / 255, torch.tensor(y, dtype=torch.long)
+
+
+@pytest.mark.parametrize("name,eps", [("kw_mnist.pth", 0.1), ("mnist_a_adv.pth", 0.02), ("mnist_cnn_small.pth", 0.01),
+                                      ("mnist_fc_3layer.pth", 0.02), ("cifar_2c2f.pth", 2 / 255)])
+def test_bounds_are_sound_on_real_weights(name, eps):
+    torch.manual_seed(0)
+    net = load_shared_model(name)
+    if name.startswith("cifar"):
+        x, y = torch.rand(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    else:
+        x, y = mnist_test(3)
+    C = certmin.margin_spec(y, 10)
+    xl, xu = certmin.input_box(x, eps)
+    for method in certmin.METHODS:
+        lb, ub = certmin.bounds(net, xl, xu, C, method)
+        assert_contains(net, xl, xu, C, lb, ub, TOL32)
+
+
+def test_certified_examples_are_never_misclassified_by_pgd():
+    torch.manual_seed(0)
+    net = load_shared_model("kw_mnist.pth")
+    x, y = mnist_test(64)
+    eps = 0.1
+    C = certmin.margin_spec(y, 10)
+    box = certmin.input_box(x, eps)
+    certified = torch.zeros(len(y), dtype=torch.bool)
+    with torch.no_grad():
+        for method in certmin.METHODS:  # CROWN verifies ~95% of this model at eps 0.1, IBP none
+            certified |= (certmin.bounds(net, *box, C, method)[0] > 0).all(1)
+    assert certified.float().mean() > 0.5, "this certified-trained model should verify most examples"
+    x_adv = certmin.pgd(net, x, y, eps, steps=40, step_size=eps / 8, restarts=2)
+    attacked = net(x_adv).argmax(1) != y
+    assert attacked.any(), "PGD should break some uncertified examples"
+    assert not (certified & attacked).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks and FOSC
+# ----------------------------------------------------------------------------------------------
+
+
+def small_net():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("attack", ["fgsm_rs", "pgd"])
+@pytest.mark.parametrize("training", [True, False])
+def test_attacks_stay_in_the_box_and_leave_the_model_as_found(attack, training):
+    net = small_net().train(training)
+    net[1].weight.requires_grad_(False)
+    x, y = torch.rand(32, 1, 3, 4), torch.randint(0, 4, (32,))
+    eps = 0.2
+    with torch.no_grad():  # attacks must work inside a caller's no_grad too
+        x_adv = getattr(certmin, attack)(net, x, y, eps) if attack == "fgsm_rs" else certmin.pgd(net, x, y, eps, steps=10)
+    xl, xu = certmin.input_box(x, eps)
+    assert (x_adv >= xl).all() and (x_adv <= xu).all() and (x_adv - x).abs().max() <= eps + 1e-7
+    assert net.training == training
+    assert not net[1].weight.requires_grad and net[1].bias.requires_grad
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_pgd_keeps_the_strongest_point():
+    net = small_net()
+    x, y = torch.rand(64, 1, 3, 4), torch.randint(0, 4, (64,))
+    eps = 0.3
+    x_adv = certmin.pgd(net, x, y, eps, steps=30, step_size=eps / 4, restarts=2)
+    loss_adv = F.cross_entropy(net(x_adv), y, reduction="none")
+    loss_clean = F.cross_entropy(net(x), y, reduction="none")
+    wrong_adv = net(x_adv).argmax(1) != y
+    assert (wrong_adv | (loss_adv >= loss_clean - 1e-6)).all()
+    assert wrong_adv.float().mean() > (net(x).argmax(1) != y).float().mean()
+    fgsm = certmin.fgsm_rs(net, x, y, eps)
+    assert F.cross_entropy(net(x_adv), y) > F.cross_entropy(net(fgsm), y)
+
+
+def test_fosc_matches_its_closed_form_and_is_per_example():
+    net = small_net()
+    x = 0.25 + 0.5 * torch.rand(8, 1, 3, 4)  # away from [0, 1]: no clipping
+    y = torch.randint(0, 4, (8,))
+    eps = 0.1
+    x_adv = certmin.fgsm_rs(net, x, y, eps)
+    x_adv.requires_grad_(True)
+    c = certmin.fosc(net, x_adv, x, y, eps)
+    for i in range(8):
+        g, = torch.autograd.grad(F.cross_entropy(net(x_adv[i:i + 1]), y[i:i + 1]), x_adv)
+        g = g[i]
+        closed = eps * g.abs().sum() - ((x_adv[i] - x[i]) * g).sum()
+        assert torch.allclose(c[i], closed, atol=1e-6)
+    assert (c >= 0).all()
+    loss, mean = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
+    assert math.isclose(mean, c.mean().item(), rel_tol=1e-5)
+    # at a corner that maximises a linear loss, FOSC is 0
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    xs, ys = 0.5 * torch.ones(1, 1, 3, 4), torch.tensor([0])
+    best = certmin.pgd(lin, xs, ys, 0.1, steps=20, step_size=0.05)
+    assert certmin.fosc(lin, best, xs, ys, 0.1).abs().item() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and models
+# ----------------------------------------------------------------------------------------------
+
+
+def test_smooth_ramp_is_continuous_with_a_continuous_slope():
+    f = lambda t: certmin.smooth_ramp(t, 10, 40, 0.4)  # noqa: E731
+    assert f(0) == 0 and f(10) == 0 and f(50) == 0.4 and f(100) == 0.4
+    h = 1e-6
+    for t in [10, 20, 30, 49.999]:  # 20 is the joint at start + length/4
+        assert abs(f(t + h) - f(t - h)) < 1e-5
+        assert abs((f(t + 2 * h) - f(t + h)) - (f(t - h) - f(t - 2 * h))) / h < 1e-4
+    ts = [10 + 0.1 * i for i in range(401)]
+    assert all(f(a) <= f(b) for a, b in zip(ts, ts[1:]))
+    assert f(20) == pytest.approx(0.4 / 13)
+    assert certmin.linear_ramp(30, 10, 40, 0.0, init=1.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("build,params", [(certmin.dm_small, None), (certmin.dm_medium, None), (certmin.dm_large, None)])
+def test_models_shapes(build, params):
+    for ch, side in [(1, 28), (3, 32)]:
+        net = build(in_ch=ch, side=side, mean=[0.5] * ch, std=[0.25] * ch)
+        assert isinstance(net[0], certmin.Normalize)
+        assert net(torch.rand(2, ch, side, side)).shape == (2, 10)
+    with pytest.raises(ValueError, match="std > 0"):
+        certmin.Normalize([0.5], [0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-gradient rule
+# ----------------------------------------------------------------------------------------------
+
+
+def two_losses(g_a, g_b, theta=None):
+    """A parameter theta and two linear losses with the given gradients (values <theta, g>)."""
+    theta = torch.zeros(len(g_a), dtype=torch.float64, requires_grad=True) if theta is None else theta
+    return theta, (theta * g_a).sum(), (theta * g_b).sum()
+
+
+def cos(a, b):
+    return (torch.dot(a, b) / (a.norm() * b.norm())).item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=4, max_size=4), st.lists(st.floats(-5, 5), min_size=4, max_size=4),
+       st.floats(0, 1), st.floats(0, 1))
+def test_two_gradient_geometry(a, b, fosc, c_t):
+    g_a, g_b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    if g_a.norm() < 1e-3 or g_b.norm() < 1e-3:
+        return
+    theta, la, lb = two_losses(g_a, g_b)
+    k = certmin.TwoGradient([theta]).step(la, lb, fosc=fosc, c_t=c_t)
+    g = theta.grad
+    assert torch.allclose(g, k["k_adv"] * g_a + k["k_ver"] * g_b)
+    if torch.dot(g_a, g_b) > 0:
+        assert not k["conflict"] and math.isclose(cos(g, g_a), cos(g, g_b), abs_tol=1e-9)
+    else:
+        assert k["conflict"]
+        other = g_b if fosc <= c_t else g_a  # the gradient without priority
+        assert abs(torch.dot(g, other).item()) <= 1e-9 * (1 + g.norm().item() * other.norm().item())
+        assert (k["k_adv"] == 1.0) == (fosc <= c_t)
+
+
+def test_two_gradient_final_weights_ignore_the_current_step():
+    torch.manual_seed(0)
+    history = [(torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)) for _ in range(4)]
+    results = []
+    for current in [(torch.randn(5), torch.randn(5)), (torch.randn(5) * 9, -torch.randn(5))]:
+        tg = certmin.TwoGradient([torch.zeros(5, dtype=torch.float64, requires_grad=True)])
+        for g_a, g_b in history:
+            theta, la, lb = two_losses(g_a, g_b, tg.params[0])
+            tg.step(la, lb, final=True)
+        theta, la, lb = two_losses(current[0].double(), current[1].double(), tg.params[0])
+        results.append(tg.step(la, lb, fosc=0.3, c_t=0.1, final=True))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("mode", certmin.MODES)
+def test_two_gradient_writes_the_combined_gradient(mode):
+    torch.manual_seed(4)
+    net = small_net().double()
+    x, y = torch.rand(16, 1, 3, 4, dtype=torch.float64), torch.randint(0, 4, (16,))
+    tg = certmin.TwoGradient(net.parameters(), mode=mode)
+    for step in range(4):
+        loss_adv = F.cross_entropy(net(certmin.fgsm_rs(net, x, y, 0.1)), y)
+        loss_ver, _ = certmin.verified_loss(net, x, y, 0.1)
+        g_a = torch.autograd.grad(loss_adv, list(net.parameters()), retain_graph=True)
+        g_b = torch.autograd.grad(loss_ver, list(net.parameters()), retain_graph=True)
+        k = tg.step(loss_adv, loss_ver, fosc=0.0, c_t=1.0, final=step >= 1)
+        for p, a, b in zip(net.parameters(), g_a, g_b):
+            expect = k["k_adv"] * a + (k["k_ver"] + 2 * k["k_reg"] * loss_ver.item()) * b
+            assert torch.allclose(p.grad, expect, atol=1e-12)
+        if mode == "sum":
+            assert (k["k_adv"], k["k_ver"], k["k_reg"]) == (1, 1, 0)
+        if mode == "mgda":
+            assert k["k_reg"] == 0 and 0 <= k["k_adv"] <= 1 and math.isclose(k["k_adv"] + k["k_ver"], 1)
+
+
+def test_mgda_is_the_min_norm_point():
+    g_a, g_b = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    theta, la, lb = two_losses(g_a, g_b)
+    k = certmin.TwoGradient([theta], mode="mgda").step(la, lb)
+    assert math.isclose(k["k_adv"], 0.8)  # argmin |a g_a + (1-a) g_b|: a = 4/5
+    theta, la, lb = two_losses(g_a, g_a)
+    assert certmin.TwoGradient([theta], mode="mgda").step(la, lb)["k_adv"] == 0.5
+
+
+@pytest.mark.parametrize("mode,biased", [("advibp", False), ("advibp-biased", True)])
+def test_bias_correction_makes_the_combined_gradient_unbiased(mode, biased):
+    """Noisy gradients g + noise: the mean combined step sum(k_t * g_hat_t) must match sum(k_t * g)
+    (the weights applied to the true gradients) for the bias-corrected rule and not for the biased one."""
+    torch.manual_seed(5)
+    g_a, g_b = torch.tensor([1.0, 0.2], dtype=torch.float64), torch.tensor([0.3, 1.0], dtype=torch.float64)
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # L_ver = 0: no k_reg term
+    tg = certmin.TwoGradient([theta], mode=mode)
+    steps, combined, exact = 4000, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for _ in range(steps):
+        noise = torch.randn(2, 2, dtype=torch.float64) * 1.0  # unit noise, larger than the gradients
+        _, la, lb = two_losses(g_a + noise[0], g_b + noise[1], theta)
+        k = tg.step(la, lb, final=True)
+        combined += theta.grad
+        exact += k["k_adv"] * g_a + k["k_ver"] * g_b
+    error = ((combined - exact).norm() / exact.norm()).item()
+    if biased:
+        assert error > 0.12, error
+    else:
+        assert error < 0.05, error
+
+
+def test_two_gradient_state_round_trip():
+    torch.manual_seed(6)
+    grads = [(torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)) for _ in range(6)]
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    a = certmin.TwoGradient([theta])
+    for g in grads[:3]:
+        a.step(*two_losses(*g, theta)[1:], final=True)
+    b = certmin.TwoGradient([theta])
+    b.load_state_dict(a.state_dict())
+    for g in grads[3:]:
+        assert a.step(*two_losses(*g, theta)[1:], final=True) == b.step(*two_losses(*g, theta)[1:], final=True)
+    with pytest.raises(ValueError, match="unknown weighting mode 'avg'"):
+        certmin.TwoGradient([theta], mode="avg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (gloo) with half a batch each == one process with the whole batch
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_steps(net, x, x_adv, y, group=None, steps=5):
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    tg = certmin.TwoGradient(net.parameters(), group=group)
+    for step in range(steps):
+        loss_adv, fosc = certmin.adv_loss_and_fosc(net, x_adv, x, y, 0.05)
+        loss_ver, _ = certmin.verified_loss(net, x, y, 0.05, beta=0.5)
+        opt.zero_grad()
+        tg.step(loss_adv, loss_ver, fosc=fosc, c_t=0.01, final=step >= 2)
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def _data():
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(12, 6), nn.ReLU(),
+                        nn.Linear(6, 3)).double()
+    x = torch.rand(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    x_adv = (x + 0.05 * torch.randint(-1, 2, x.shape, generator=g)).clamp(0, 1)  # a fixed "attack"
+    return net, x, x_adv, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+
+def _rank(rank, store, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    net, x, x_adv, y = _data()
+    half = slice(rank * 4, rank * 4 + 4)
+    params = _train_steps(net, x[half], x_adv[half], y[half], group=dist.group.WORLD)
+    torch.save(params, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "params")), nprocs=2, join=True)
+    net, x, x_adv, y = _data()
+    single = _train_steps(net, x, x_adv, y)
+    ranks = [torch.load(tmp_path / f"params.{r}", weights_only=True) for r in range(2)]
+    init = [p.detach() for p in _data()[0].parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(single, init)), "training must have moved the weights"
+    for params in ranks:
+        for a, b in zip(params, single):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
