@@ -263,6 +263,23 @@ def test_crown_ibp_and_crown_equal_the_reference(case, eps, full):
         assert torch.allclose(lb[n], ref, rtol=1e-9, atol=1e-9 * (1 + ref.abs().max().item()))
 
 
+def test_fused_compiled_relu_step_equals_eager(monkeypatch):
+    """The torch.compile path (used on large tensors) gives the same bounds and gradients as eager."""
+    torch.manual_seed(8)
+    net = certmin.dm_small(side=12)
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    results = []
+    for threshold in [0, 1]:  # 0: never compile; 1: compile every ReLU step
+        monkeypatch.setattr(certmin, "COMPILE_MIN", threshold)
+        net.zero_grad()
+        loss, _ = certmin.verified_loss(net, x, y, 0.05, beta=1.0)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in net.parameters()])
+    assert certmin._compiled.get(certmin._relu_step_forward) not in (None, False), "compiling must have worked"
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_crown_is_tighter_than_ibp_on_a_real_network():
     net = load_shared_model("mnist_fc_3layer.pth")
     x, y = mnist_test(16)
