@@ -48,7 +48,7 @@ def one(kind, args):
             certmin.verified_loss(net, x, y, eps, beta=float(kind == "crown-ibp"))[0].backward()
         else:
             x_adv = certmin.fgsm_rs(net, x, y, eps)
-            loss_adv, fosc = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
+            loss_adv, fosc, _ = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
             loss_ver, _ = certmin.verified_loss(net, x, y, eps)
             tg.step(loss_adv, loss_ver, fosc=fosc, c_t=0.0256, final=True)
         opt.step()

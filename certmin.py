@@ -437,12 +437,15 @@ def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
 
 
 def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
-    """(L_adv, batch-mean FOSC) from one forward pass: L_adv keeps its graph for the parameter
-    gradient, FOSC costs one extra input-only backward instead of a second forward."""
+    """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
+    gradient, FOSC costs one extra input-only backward instead of a second forward; wrong (N,) marks
+    the examples that x_adv misclassifies."""
     x_adv = x_adv.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x_adv), y, reduction="none")
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, reduction="none")
     grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
-    return loss.mean(), _fosc(grad, x_adv.detach(), x, eps, lo, hi).mean().item()
+    wrong = logits.detach().argmax(1) != y
+    return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean().item(), wrong
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,6 +585,8 @@ class TwoGradient:
                 "pending": list(self.pending) if self.pending is not None else None}
 
     def load_state_dict(self, state):
+        dev = self.params[0].device
+        move = lambda t: t.to(dev) if t is not None else None  # noqa: E731
         self.was_final, self.count = state["was_final"], state["count"]
-        self.m_a, self.m_b, self.n_a, self.n_b = state["m_a"], state["m_b"], state["n_a"], state["n_b"]
-        self.pending = tuple(state["pending"]) if state["pending"] is not None else None
+        self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), state["n_a"], state["n_b"]
+        self.pending = tuple(map(move, state["pending"])) if state["pending"] is not None else None

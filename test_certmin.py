@@ -477,7 +477,7 @@ def test_fosc_matches_its_closed_form_and_is_per_example():
         closed = eps * g.abs().sum() - ((x_adv[i] - x[i]) * g).sum()
         assert torch.allclose(c[i], closed, atol=1e-6)
     assert (c >= 0).all()
-    loss, mean = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
+    loss, mean, _ = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
     assert math.isclose(mean, c.mean().item(), rel_tol=1e-5)
     # at a corner that maximises a linear loss, FOSC is 0
     lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
@@ -639,7 +639,7 @@ def _train_steps(net, x, x_adv, y, group=None, steps=5):
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     tg = certmin.TwoGradient(net.parameters(), group=group)
     for step in range(steps):
-        loss_adv, fosc = certmin.adv_loss_and_fosc(net, x_adv, x, y, 0.05)
+        loss_adv, fosc, _ = certmin.adv_loss_and_fosc(net, x_adv, x, y, 0.05)
         loss_ver, _ = certmin.verified_loss(net, x, y, 0.05, beta=0.5)
         opt.zero_grad()
         tg.step(loss_adv, loss_ver, fosc=fosc, c_t=0.01, final=step >= 2)
@@ -677,3 +677,150 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for params in ranks:
         for a, b in zip(params, single):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: data, schedule, end-to-end runs, resume, bad input, several processes
+# ----------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train  # noqa: E402
+
+DATA = SHARED / "data"
+SMALL = ["--dataset", "mnist", "--eps", "0.3", "--model", "dm-small", "--epochs", "2", "--train-n", "384",
+         "--test-n", "200", "--batch-size", "64", "--data", str(DATA), "--eval-every", "1", "--no-download"]
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent, **kw)
+
+
+def in_process(argv):
+    """train.main in this process, restoring the SIGINT handler it installs."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return train.main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_mnist_loader_reads_the_real_files():
+    x, y, xt, yt = train.load_data("mnist", DATA, download=False)
+    assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8
+    assert x.max() == 255 and x.min() == 0
+    assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(yt).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def test_cifar_loader_reads_the_real_files():
+    x, y, xt, yt = train.load_data("cifar", DATA, download=False)
+    assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [5000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
+    assert y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3] and yt[:4].tolist() == [3, 8, 8, 0]
+    assert 0.4 < x.float().mean().item() / 255 < 0.5 and x.max() == 255
+
+
+def test_mnist_download_checks_the_checksum(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "MNIST_URL", (DATA / "mnist").as_uri() + "/")  # a local "server"
+    x, y, xt, yt = train.load_data("mnist", tmp_path, download=True)
+    assert len(y) == 60000 and (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
+    monkeypatch.setitem(train.MNIST_FILES, "t10k-labels-idx1-ubyte.gz", "0" * 32)
+    with pytest.raises(train.DataError, match="wrong checksum"):
+        train.load_data("mnist", tmp_path / "other", download=True)
+    with pytest.raises(train.DataError, match="MNIST not found.*t10k-images-idx3-ubyte.gz.*--data"):
+        train.load_data("mnist", tmp_path / "none", download=False)
+
+
+def test_augment_crops_and_flips_on_the_batch():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    out = train.augment(x)
+    assert out.shape == x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(2):  # each output is some 32x32 window of the padded image, maybe mirrored
+        windows = [padded[i, :, a:a + 32, b:b + 32] for a in range(9) for b in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_schedule_follows_the_scaled_preset():
+    args = train.main.__globals__["argparse"].Namespace(
+        dataset="cifar", eps=8 / 255, epochs=320, model="dm-large", method="advibp", weights="advibp",
+        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, amp=False, pgd_steps=10)
+    cfg = train.resolve(args)
+    assert cfg["adv_ramp"] == [40, 80] and cfg["ver_ramp"] == [81, 181] and cfg["lr_decay"] == [220, 270]
+    assert math.isclose(cfg["eps_train"], 8.8 / 255) and cfg["c_max"] == 0.0256
+    phases = [train.schedule(cfg, e)["phase"] for e in (0, 50, 100, 200)]
+    assert phases == ["natural", "adv-warmup", "joint", "joint-final"]
+    s = train.schedule(cfg, 250)
+    assert s["final"] and s["eps_ver"] == cfg["eps_train"] and math.isclose(s["lr"], 5e-5) and s["c_t"] == 0
+    assert train.schedule(cfg, 100)["c_t"] == 0.0256
+    for e in [0, 45, 60, 79.9]:  # the adversarial ramp is smooth and below eps_train
+        assert 0 <= train.schedule(cfg, e)["eps_adv"] < cfg["eps_train"]
+
+
+def test_training_passes_every_phase_and_resumes_exactly(tmp_path):
+    assert in_process(SMALL + ["--out", str(tmp_path / "a")]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {p for r in log for p in r["phases"]} == {"natural", "adv-warmup", "joint", "joint-final"}
+    assert log[-1]["config"]["eps_train"] == 0.4 and 0 <= log[-1]["test_ibp_verified_err"] <= 1
+    ck = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert ck["epoch"] == 2 and ck["config"]["model"] == "dm-small" and ck["two_gradient"]["count"] > 0
+    # stop after one epoch, then resume: the same weights as the uninterrupted run
+    assert in_process(SMALL + ["--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    assert in_process(SMALL + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = train.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert resumed["step"] == ck["step"]
+    for k, v in ck["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "n")
+    assert in_process(SMALL + ["--out", out, "--stop-after", "1"]) == 0
+    before = (tmp_path / "n" / "last.pt").read_bytes()
+    real = certmin.verified_loss
+    monkeypatch.setattr(certmin, "verified_loss", lambda *a, **k: (real(*a, **k)[0] * math.nan, real(*a, **k)[1]))
+    assert in_process(SMALL + ["--out", out, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 6" in err and "intact" in err
+    assert (tmp_path / "n" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("eps,message", [("8/0", "fraction like 8/255"), ("abc", "fraction like 8/255"),
+                                         ("-0.1", ">= 0"), ("nan", ">= 0")])
+def test_bad_eps_is_refused_clearly(eps, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        in_process(["--dataset", "mnist", "--eps", eps])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_dataset_data_folder_and_checkpoint_fail_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        in_process(["--dataset", "imagenet", "--eps", "0.1"])
+    assert e.value.code == 2 and "invalid choice: 'imagenet'" in capsys.readouterr().err
+    assert in_process(["--dataset", "mnist", "--eps", "0.1", "--data", str(tmp_path / "nowhere"),
+                       "--no-download", "--out", str(tmp_path / "o")]) == 1
+    assert "MNIST not found under" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "last.pt").write_bytes(b"not a checkpoint")
+    assert in_process(SMALL + ["--out", str(tmp_path / "c"), "--resume"]) == 1
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert in_process(SMALL + ["--out", str(tmp_path / "empty"), "--resume"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_torchrun_two_gloo_processes_keep_identical_parameters(tmp_path):
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *SMALL,
+                    "--device", "cpu", "--out", str(tmp_path / "d")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 ranks hold identical parameters" in r.stdout
+    assert len(open(tmp_path / "d" / "log.jsonl").readlines()) == 2  # rank 0 alone writes

@@ -1,0 +1,556 @@
+"""train.py: certified training with AdvIBP (Fan & Li, AAAI 2021) and its baselines.
+
+    python train.py --dataset mnist --eps 0.3                  # the paper's preset (250 epochs)
+    python train.py --dataset cifar --eps 8/255                # 3200 epochs; a GPU is picked if present
+    python train.py --dataset mnist --eps 0.3 --model dm-small --epochs 20   # a short CPU run
+    python train.py --dataset mnist --eps 0.3 --method ibp     # baselines: ibp, crown-ibp, pgd, natural
+    python train.py ... --resume                               # continue where --out/last.pt stopped
+    torchrun --standalone --nproc_per_node=4 train.py --dataset cifar --eps 8/255   # several GPUs
+    python verify.py runs/mnist-0.3/last.pt                    # then certify what it saved
+
+Phases (method.md section 5): natural -> adversarial warm-up (FGSM-RS, eps_adv ramps up) -> joint
+(the verified eps ramps up, weights from the current batch) -> joint at full eps (bias-corrected
+weights). --epochs scales every epoch number of the preset, so a short run passes through every phase.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import certmin
+
+# ---------------------------------------------------------------------------------------------
+# Presets (method.md section 5). Epoch numbers; a run of E epochs scales all of them by E / epochs.
+# ---------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "mnist": dict(epochs=250, natural=10, adv_ramp=(10, 50), ver_ramp=(50, 100), c_decay=(110, 159),
+                  lr_decay=(150, 200), lr_factor=0.25, kappa_final=0.5, shape=(1, 28, 28), mean=None, std=None),
+    "cifar": dict(epochs=3200, natural=400, adv_ramp=(400, 800), ver_ramp=(810, 1810), c_decay=(1829, 2108),
+                  lr_decay=(2200, 2700), lr_factor=0.1, kappa_final=0.0, shape=(3, 32, 32),
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
+}
+MODELS = {"dm-small": certmin.dm_small, "dm-medium": certmin.dm_medium, "dm-large": certmin.dm_large}
+METHODS = ("advibp", "advcrown-ibp", "ibp", "crown-ibp", "pgd", "natural")
+
+
+def parse_eps(text):
+    """'8/255', '0.3' -> float >= 0; anything else is an argparse error that says what is expected."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"eps must be finite and >= 0, got {text!r}")
+    return value
+
+
+def resolve(args):
+    """The full configuration: the preset for (dataset, eps), scaled to --epochs, plus the options."""
+    p = dict(PRESETS[args.dataset])
+    if args.dataset == "mnist":  # eps_train 0.2 for eps 0.1, 0.4 for 0.2-0.4 (method.md)
+        eps_train = max(args.eps, 0.2 if args.eps <= 0.1 else 0.4)
+        c_max = 0.00256 if eps_train <= 0.2 else 0.0256
+    else:
+        eps_train, c_max = 1.1 * args.eps, (0.00256 if args.eps <= 2 / 255 else 0.0256)
+    scale = (args.epochs or p["epochs"]) / p["epochs"]
+    for k in ("natural", "adv_ramp", "ver_ramp", "c_decay", "lr_decay"):
+        p[k] = [v * scale for v in p[k]] if isinstance(p[k], tuple) else p[k] * scale
+    p.update(epochs=args.epochs or p["epochs"], eps=args.eps, eps_train=eps_train, c_max=c_max,
+             dataset=args.dataset, model=args.model, method=args.method, weights=args.weights,
+             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=args.val_split,
+             train_n=args.train_n, amp=args.amp, pgd_steps=args.pgd_steps)
+    p["shape"] = list(p["shape"])
+    return p
+
+
+def schedule(cfg, e):
+    """Everything that changes during training, at fractional epoch e."""
+    (a0, a1), (v0, v1), (c0, c1) = cfg["adv_ramp"], cfg["ver_ramp"], cfg["c_decay"]
+    et, method = cfg["eps_train"], cfg["method"]
+    s = dict(eps_adv=certmin.smooth_ramp(e, a0, a1 - a0, et), eps_ver=certmin.smooth_ramp(e, v0, v1 - v0, et),
+             beta=0.0, kappa=0.0, c_t=certmin.linear_ramp(e, c0, c1 - c0, 0.0, init=cfg["c_max"]),
+             lr=cfg["lr"] * cfg["lr_factor"] ** sum(e >= d for d in cfg["lr_decay"]), final=e >= v1)
+    if method in ("advcrown-ibp", "crown-ibp"):
+        s["beta"] = certmin.linear_ramp(e, v0, v1 - v0, 0.0, init=1.0)
+    if method in ("ibp", "crown-ibp"):  # Gowal / Zhang: one eps ramp after natural training
+        n = cfg["natural"]
+        s["eps_ver"] = certmin.smooth_ramp(e, n, v1 - n, et)
+        s["kappa"] = certmin.linear_ramp(e, n, v1 - n, cfg["kappa_final"], init=1.0)
+        s["beta"] = certmin.linear_ramp(e, n, v1 - n, 0.0, init=1.0) if method == "crown-ibp" else 0.0
+    if method == "natural" or e < cfg["natural"]:
+        s["phase"] = "natural"
+    elif method in ("advibp", "advcrown-ibp"):
+        s["phase"] = "adv-warmup" if e < v0 else ("joint" if e < v1 else "joint-final")
+    else:
+        s["phase"] = method if e < v1 else method + "-final"
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, without torchvision: the original files, found in --data or downloaded and checked.
+# ---------------------------------------------------------------------------------------------
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+               "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+               "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+               "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+
+
+class DataError(Exception):
+    pass
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url, dest, md5):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    print(f"downloading {url}", file=sys.stderr, flush=True)
+    with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+    if _md5(tmp) != md5:
+        tmp.unlink()
+        raise DataError(f"{url} arrived with a wrong checksum (expected md5 {md5}); try again")
+    tmp.replace(dest)
+
+
+def _find(root, candidates, names):
+    for d in candidates:
+        if all((root / d / n).exists() for n in names):
+            return root / d
+    return None
+
+
+def load_mnist(root, download=True):
+    root = Path(root)
+    dirs = [".", "mnist", "MNIST/raw"]
+    found = _find(root, dirs, MNIST_FILES) or _find(root, dirs, [n[:-3] for n in MNIST_FILES])
+    if found is None and download:
+        try:
+            for name, md5 in MNIST_FILES.items():
+                _download(MNIST_URL + name, root / "mnist" / name, md5)
+            found = root / "mnist"
+        except OSError as err:
+            print(f"download failed: {err}", file=sys.stderr)
+    if found is None:
+        raise DataError(f"MNIST not found under {root} and it could not be downloaded. Put the four files "
+                        f"{', '.join(MNIST_FILES)} (or the same without .gz) in {root / 'mnist'} "
+                        f"(or MNIST/raw, as torchvision does), or pass --data DIR.")
+
+    def read(name, offset):
+        path = found / name
+        opener = gzip.open if path.exists() else open
+        with opener(path if path.exists() else found / name[:-3], "rb") as f:
+            return torch.frombuffer(bytearray(f.read()[offset:]), dtype=torch.uint8)
+
+    out = []
+    for split in ("train", "t10k"):
+        x = read(f"{split}-images-idx3-ubyte.gz", 16).view(-1, 1, 28, 28)
+        out += [x, read(f"{split}-labels-idx1-ubyte.gz", 8).long()]
+    return out
+
+
+def load_cifar(root, download=True):
+    root = Path(root)
+    dirs = ["cifar-10-batches-py", "cifar10/cifar-10-batches-py", "."]
+    found = _find(root, dirs, CIFAR_FILES)
+    if found is None and download:
+        try:
+            archive = root / "cifar-10-python.tar.gz"
+            _download(CIFAR_URL, archive, CIFAR_MD5)
+            with tarfile.open(archive) as t:
+                t.extractall(root, filter="data")
+            found = _find(root, dirs, CIFAR_FILES)
+        except OSError as err:
+            print(f"download failed: {err}", file=sys.stderr)
+    if found is None:
+        raise DataError(f"CIFAR-10 not found under {root} and it could not be downloaded. Put the python "
+                        f"version's batches ({', '.join(CIFAR_FILES)}) in {root / 'cifar-10-batches-py'}, "
+                        f"or pass --data DIR.")
+
+    def read(names):
+        xs, ys = [], []
+        for n in names:
+            with open(found / n, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            xs.append(torch.as_tensor(d["data"]).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d["labels"]))
+        return torch.cat(xs), torch.cat(ys).long()
+
+    return [*read(CIFAR_FILES[:5]), *read(CIFAR_FILES[5:])]
+
+
+def load_data(dataset, root, download=True):
+    """(x_train, y_train, x_test, y_test): uint8 images (N, C, H, W) and int64 labels."""
+    return (load_mnist if dataset == "mnist" else load_cifar)(root, download)
+
+
+def augment(x):
+    """CIFAR's random crop (32, padding 4) and horizontal flip, as tensor ops on the batch's device."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    oy, ox = torch.randint(0, 9, (2, n, 1), device=x.device)
+    rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def build_model(cfg):
+    c, side, _ = cfg["shape"]
+    return MODELS[cfg["model"]](in_ch=c, side=side, mean=cfg["mean"], std=cfg["std"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (clean and IBP-verified error; verify.py does the full job)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, x, y, eps, batch_size=500):
+    wrong = unverified = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
+        wrong += (model(xb).argmax(1) != yb).sum().item()
+        unverified += (~certmin.verified_loss(model, xb, yb, eps)[1]).sum().item()
+    return wrong / len(y), unverified / len(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, everything needed to resume exactly
+# ---------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a dict, or a DataError saying why not. Data only: weights_only."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"no checkpoint at {path}")
+    except Exception as err:
+        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "
+                        "it may be truncated or not written by train.py")
+    if not isinstance(ck, dict) or not {"model", "config"} <= set(ck):
+        raise DataError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = [("epoch", "5d"), ("phase", "11s"), ("eps_adv", "7.4f"), ("eps_ver", "7.4f"), ("beta", "5.2f"),
+           ("c_t", "7.5f"), ("k_adv", "7.3f"), ("k_ver", "7.3f"), ("conflict", "8.2f"), ("loss_adv", "8.4f"),
+           ("loss_ver", "8.4f"), ("clean_err", "9.4f"), ("adv_err", "7.4f"), ("ver_err", "7.4f"), ("seconds", "7.1f")]
+
+
+def row(rec):
+    cells = []
+    for name, fmt in COLUMNS:
+        v = rec.get(name)
+        width = int(fmt.split(".")[0].rstrip("dsf"))
+        cells.append(f"{'-':>{width}}" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
+    return " ".join(cells)
+
+
+def header():
+    return " ".join(f"{n:>{int(f.split('.')[0].rstrip('dsf'))}}" for n, f in COLUMNS)
+
+
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.group = None
+        if self.world > 1:
+            import torch.distributed as dist
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.group = dist.group.WORLD
+
+    def mean_(self, tensors):
+        if self.group is not None:
+            import torch.distributed as dist
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def train(args):
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = Dist(device)
+    if args.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda asked for, but torch sees no GPU; use --device cpu or auto")
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = Path(args.out or f"runs/{args.dataset}-{args.eps_text.replace('/', '_')}-{args.method}")
+    ck_path = out / "last.pt"
+    master = dist.rank == 0
+    cfg = resolve(args)
+    start_step, ck = 0, None
+    if args.resume:
+        ck = load_checkpoint(ck_path)
+        cfg, start_step = ck["config"], ck["step"]
+        if master:
+            print(f"resuming {ck_path} at epoch {ck['epoch']} (step {start_step})", flush=True)
+    torch.manual_seed(cfg["seed"])
+
+    x_train, y_train, x_test, y_test = load_data(cfg["dataset"], args.data, download=not args.no_download)
+    if cfg["train_n"]:
+        x_train, y_train = x_train[:cfg["train_n"]], y_train[:cfg["train_n"]]
+    if args.test_n:
+        x_test, y_test = x_test[:args.test_n], y_test[:args.test_n]
+    if cfg["val_split"]:  # hold out a seeded random subset of the training set for selection
+        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"]))
+        val, keep = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
+        x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[keep], y_train[keep]
+    x_train, y_train = x_train.to(device), y_train.to(device)  # uint8 on the device: no loader workers
+
+    model = build_model(cfg).to(device)
+    if dist.world > 1:  # same start on every rank
+        dist.mean_([p.data for p in model.parameters()])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        tg.load_state_dict(ck["two_gradient"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+    best = ck.get("best_val", math.inf) if ck else math.inf
+
+    bs = cfg["batch_size"]
+    if bs % dist.world:
+        raise DataError(f"--batch-size {bs} must be divisible by the number of processes ({dist.world})")
+    spe = max(1, len(y_train) // bs)  # steps per epoch (the last partial batch is dropped)
+    total = cfg["epochs"] * spe
+    amp = cfg["amp"] and device.type == "cuda"
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{cfg['method']} on {cfg['dataset']} eps {cfg['eps']:.4f} (train {cfg['eps_train']:.4f}), "
+              f"{cfg['model']}, {cfg['epochs']} epochs x {spe} steps, batch {bs}, {device}"
+              f"{f' x {dist.world} processes' if dist.world > 1 else ''}; writing {out}", flush=True)
+        print(header(), flush=True)
+
+    def checkpoint(step, epoch, path=ck_path, extra=None):
+        if master:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "two_gradient": tg.state_dict(), "epoch": epoch, "step": step, "config": cfg,
+                         "best_val": best, "rng": {"torch": torch.get_rng_state(),
+                                                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                         **(extra or {})}, path)
+
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, save, exit
+
+    step = start_step
+    stats, phases, t0 = {}, {}, time.time()
+    last_progress = t0
+    while step < total and not stop["now"]:
+        epoch, k = divmod(step, spe)
+        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch))
+        idx = perm[(k * bs):(k + 1) * bs].to(device)[dist.rank::dist.world]
+        x = x_train[idx].float() / 255
+        y = y_train[idx]
+        if cfg["dataset"] == "cifar":
+            x = augment(x)
+        s = schedule(cfg, step / spe)
+        for g in opt.param_groups:
+            g["lr"] = s["lr"]
+        opt.zero_grad(set_to_none=True)
+        rec = {}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            method, phase = cfg["method"], s["phase"]
+            if phase == "natural":
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                rec["clean_wrong"] = (logits.argmax(1) != y).float().mean().item()
+            elif method == "pgd":
+                xa = certmin.pgd(model, x, y, s["eps_adv"], steps=cfg["pgd_steps"],
+                                 step_size=2.5 * s["eps_adv"] / cfg["pgd_steps"])
+                logits = model(xa)
+                loss = F.cross_entropy(logits, y)
+                rec.update(loss_adv=loss.item(), adv_wrong=(logits.argmax(1) != y).float().mean().item())
+            elif method in ("ibp", "crown-ibp"):
+                loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+                loss = s["kappa"] * F.cross_entropy(model(x), y) + (1 - s["kappa"]) * loss_ver
+                rec.update(loss_ver=loss_ver.item(), ver_wrong=(~verified).float().mean().item())
+            else:  # advibp, advcrown-ibp
+                xa = certmin.fgsm_rs(model, x, y, s["eps_adv"])
+                loss_adv, fosc, wrong = certmin.adv_loss_and_fosc(model, xa, x, y, s["eps_adv"])
+                rec.update(loss_adv=loss_adv.item(), adv_wrong=wrong.float().mean().item())
+                if phase == "adv-warmup":
+                    loss = loss_adv
+                else:
+                    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+                    rec.update(loss_ver=loss_ver.item(), ver_wrong=(~verified).float().mean().item())
+                    loss = None
+        if loss is None:
+            bad = not (math.isfinite(rec["loss_adv"]) and math.isfinite(rec["loss_ver"]))
+        else:
+            bad = not math.isfinite(loss.item())
+        if bad:
+            raise DataError(f"non-finite loss at epoch {epoch + 1}, step {step} ({rec}); stopping. The last good "
+                            f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
+        if loss is None:
+            rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
+        else:
+            loss.backward()
+            dist.mean_([p.grad for p in model.parameters()])
+        opt.step()
+        if phase != "natural":  # after the step: a cheap no-grad forward
+            with torch.no_grad():
+                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean().item()
+        for key, v in rec.items():
+            if v is not None:
+                stats.setdefault(key, []).append(float(v))
+        phases.setdefault(s["phase"], None)
+        step += 1
+        if master and args.progress and time.time() - last_progress > args.progress and step % spe:
+            last_progress = time.time()
+            print(f"  epoch {epoch + 1}: step {step % spe}/{spe}, {last_progress - t0:.0f}s", file=sys.stderr, flush=True)
+        if step % spe == 0 or step == total or stop["now"]:
+            done = step % spe == 0 or step == total
+            means = {key: (sum(v) / len(v) if v else float("nan")) for key, v in stats.items()}
+            keys = ["k_adv", "k_ver", "conflict", "loss_adv", "loss_ver", "clean_wrong", "adv_wrong", "ver_wrong"]
+            reduced = dist.sum([means.get(key, float("nan")) for key in keys])
+            m = {key: v / dist.world for key, v in zip(keys, reduced)}
+            rec = {"epoch": epoch + 1 if done else epoch + k / spe, "step": step, "phase": s["phase"],
+                   "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
+                   "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
+                   "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
+                   "clean_err": m["clean_wrong"], "adv_err": m["adv_wrong"], "ver_err": m["ver_wrong"],
+                   "seconds": time.time() - t0, "phases": list(phases)}
+            ep = epoch + 1
+            if done and master and (ep % args.eval_every == 0 or step == total):
+                model.eval()
+                rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test.to(device), y_test.to(device), cfg["eps"])
+                if cfg["val_split"]:
+                    rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, x_val.to(device), y_val.to(device), cfg["eps"])
+                model.train()
+            if master:
+                print(row(rec), flush=True)
+                if "test_clean_err" in rec:
+                    line = f"  test: clean error {rec['test_clean_err']:.4f}, IBP-verified error {rec['test_ibp_verified_err']:.4f} at eps {cfg['eps']:.4f}"
+                    if "val_clean_err" in rec:
+                        line += f"; validation: clean {rec['val_clean_err']:.4f}, IBP-verified {rec['val_ibp_verified_err']:.4f}"
+                    print(line, flush=True)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps({**rec, "config": cfg}) + "\n")
+                if rec.get("val_ibp_verified_err", math.inf) < best:
+                    best = rec["val_ibp_verified_err"]
+                    checkpoint(step, ep, out / "best.pt")
+                checkpoint(step, ep if done else epoch)
+            stats, phases, t0 = {}, {}, time.time()
+            last_progress = t0
+            if args.stop_after and done and ep >= args.stop_after:
+                break
+    if stop["now"] and master:
+        print(f"interrupted: saved {ck_path} at step {step}; continue with --resume", flush=True)
+    if dist.world > 1:  # every rank must hold the same weights; say so loudly if not
+        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        check = flat.clone()
+        dist.mean_([check])
+        if not torch.equal(check, flat) and (check - flat).abs().max().item() > 1e-6 * (1 + flat.abs().max().item()):
+            raise DataError(f"rank {dist.rank} holds different parameters from the mean of all ranks")
+        if master:
+            print(f"all {dist.world} ranks hold identical parameters", flush=True)
+        import torch.distributed as tdist
+        tdist.destroy_process_group()
+    return 130 if stop["now"] else 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, choices=sorted(PRESETS), help="picks the preset with --eps")
+    ap.add_argument("--eps", required=True, type=str, help="test epsilon in pixel space, e.g. 0.3 or 8/255")
+    ap.add_argument("--method", default="advibp", choices=METHODS,
+                    help="advibp (the paper), advcrown-ibp (verified term beta 1->0 over the ramp), ibp (Gowal et al. "
+                         "2018), crown-ibp (Zhang et al. 2020), pgd (Madry et al.), natural")
+    ap.add_argument("--weights", default="advibp", choices=certmin.MODES,
+                    help="the two-gradient rule, for ablations: advibp (bias-corrected), advibp-biased (current "
+                         "batch), mgda (min-norm), sum (1, 1)")
+    ap.add_argument("--model", default="dm-large", choices=sorted(MODELS))
+    ap.add_argument("--epochs", type=int, default=None, help="default: the preset's; scales every epoch number")
+    ap.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="Adam's learning rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--data", default="data", help="folder with the datasets (downloaded there if missing)")
+    ap.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
+    ap.add_argument("--out", default=None, help="output folder (default runs/DATASET-EPS-METHOD)")
+    ap.add_argument("--resume", action="store_true", help="continue exactly where --out/last.pt stopped")
+    ap.add_argument("--val-split", type=int, default=0,
+                    help="hold out N training images; best.pt is the checkpoint with the lowest validation "
+                         "IBP-verified error (never selected on the test set). 0: keep only last.pt")
+    ap.add_argument("--train-n", type=int, default=0, help="use only the first N training images (smoke runs)")
+    ap.add_argument("--test-n", type=int, default=0, help="evaluate on the first N test images only")
+    ap.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations (and at the end)")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (resume later)")
+    ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per batch for --method pgd")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the training losses on CUDA")
+    ap.add_argument("--progress", type=float, default=30, help="seconds between progress lines within an epoch")
+    args = ap.parse_args(argv)
+    try:
+        args.eps_text, args.eps = args.eps, parse_eps(args.eps)
+    except argparse.ArgumentTypeError as err:
+        ap.error(f"argument --eps: {err}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        return train(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
