@@ -824,3 +824,84 @@ def test_torchrun_two_gloo_processes_keep_identical_parameters(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks hold identical parameters" in r.stdout
     assert len(open(tmp_path / "d" / "log.jsonl").readlines()) == 2  # rank 0 alone writes
+
+
+# ----------------------------------------------------------------------------------------------
+# verify.py
+# ----------------------------------------------------------------------------------------------
+
+import verify  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert in_process(SMALL + ["--out", str(out)]) == 0
+    return out / "last.pt"
+
+
+def verify_args(ck, *extra):
+    return [str(ck), "--data", str(DATA), "--no-download", "--n", "200", "--pgd-steps", "10", *extra]
+
+
+def test_verify_agrees_with_certmin_and_writes_every_field(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert verify.main(verify_args(small_checkpoint, "--eps", "0.02", "--json", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "| eps | clean | PGD | ibp verified | crown-ibp verified | best verified |" in printed
+    d = json.load(open(out))
+    assert {"checkpoint", "config", "methods", "dtype", "device", "pgd_steps", "restarts", "rows",
+            "certified_but_attacked"} <= set(d)
+    r = d["rows"][0]
+    assert {"eps", "n", "clean_err", "pgd_err", "verified_err", "best_verified_err", "seconds",
+            "certified_but_attacked"} <= set(r)
+    assert set(r["verified_err"]) == {"ibp", "crown-ibp"} and r["n"] == 200 and d["certified_but_attacked"] == 0
+    ck = train.load_checkpoint(small_checkpoint)
+    model = train.build_model(ck["config"])
+    model.load_state_dict(ck["model"])
+    x, y = mnist_test(200)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) != y).float().mean().item()
+        verified = certmin.verified_loss(model, x, y, 0.02)[1]
+    assert r["clean_err"] == pytest.approx(clean) and r["verified_err"]["ibp"] == pytest.approx(1 - verified.float().mean().item())
+    assert r["pgd_err"] >= r["clean_err"] and r["best_verified_err"] <= min(r["verified_err"].values())
+    assert r["best_verified_err"] >= r["pgd_err"]  # every certified example survived PGD
+
+
+def test_verify_eps_sweep_gives_one_row_per_eps(small_checkpoint, tmp_path):
+    out = tmp_path / "s.json"
+    assert verify.main(verify_args(small_checkpoint, "--eps-sweep", "0,1/255,0.3", "--methods", "ibp",
+                                   "--json", str(out))) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["eps"] for r in rows] == pytest.approx([0, 1 / 255, 0.3])
+    errs = [r["verified_err"]["ibp"] for r in rows]
+    assert errs == sorted(errs) and errs[0] == pytest.approx(rows[0]["clean_err"])
+
+
+def test_verify_reports_certified_but_attacked_examples(small_checkpoint, tmp_path, monkeypatch, capsys):
+    """The consistency check can fail: an unsound 'bound' (lb shifted up) must be caught."""
+    real = certmin.bounds
+    monkeypatch.setattr(certmin, "bounds", lambda *a, **k: tuple(b + 100 for b in real(*a, **k)))
+    out = tmp_path / "bad.json"
+    assert verify.main(verify_args(small_checkpoint, "--methods", "ibp", "--json", str(out))) == 1
+    assert "SOUNDNESS BUG" in capsys.readouterr().err
+    assert json.load(open(out))["certified_but_attacked"] > 0
+
+
+def test_verify_refuses_bad_checkpoints_and_eps(small_checkpoint, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    assert verify.main(verify_args(junk)) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(small_checkpoint.read_bytes()[:5000])
+    assert verify.main(verify_args(truncated)) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    assert verify.main(verify_args(tmp_path / "other.pt")) == 1
+    assert "not a train.py checkpoint" in capsys.readouterr().err
+    for bad in (["--eps", "8/0"], ["--eps-sweep", "0.1,abc"], ["--methods", "ibp,lp"]):
+        with pytest.raises(SystemExit) as e:
+            verify.main(verify_args(small_checkpoint, *bad))
+        assert e.value.code == 2
+    assert "fraction like 8/255" in capsys.readouterr().err

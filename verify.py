@@ -1,0 +1,145 @@
+"""verify.py: certify a model that train.py saved, on the test set: the numbers a paper reports.
+
+    python verify.py runs/mnist-0.3-advibp/last.pt                     # clean, PGD-200, IBP and CROWN-IBP
+    python verify.py runs/cifar-8_255-advibp/last.pt --methods ibp,crown-ibp,crown --json out.json
+    python verify.py last.pt --eps-sweep 0.1,0.2,0.3,0.4 --n 1000      # a certified-accuracy curve
+
+Errors are fractions of the evaluated test images. An example counts as verified by "best" when any
+method verifies it: each is a sound bound, so the best of them is sound too. Bounds are computed in
+float32 or float64 (never TF32 or bf16). An example that a method certifies but PGD misclassifies
+would be a soundness bug: it is counted, printed, and makes the exit status non-zero.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import certmin
+from train import DataError, build_model, load_checkpoint, load_data, parse_eps
+
+
+def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device):
+    """One row of the report for one eps."""
+    n = len(y)
+    wrong = torch.zeros(n, dtype=torch.bool)
+    attacked = torch.zeros(n, dtype=torch.bool)
+    verified = {m: torch.zeros(n, dtype=torch.bool) for m in methods}
+    seconds = {m: 0.0 for m in ("pgd", *methods)}
+    t_start = time.time()
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        xb = (x[sl].to(device).to(dtype) / 255)
+        yb = y[sl].to(device)
+        with torch.no_grad():
+            wrong[sl] = (model(xb).argmax(1) != yb).cpu()
+        t = time.time()
+        x_adv = certmin.pgd(model, xb, yb, eps, steps=pgd_steps, step_size=pgd_step_size, restarts=restarts)
+        with torch.no_grad():
+            attacked[sl] = (model(x_adv).argmax(1) != yb).cpu() | wrong[sl]
+        seconds["pgd"] += time.time() - t
+        C = certmin.margin_spec(yb, model[-1].out_features).to(dtype)
+        box = certmin.input_box(xb, eps)
+        for m in methods:
+            t = time.time()
+            with torch.no_grad():
+                lb, _ = certmin.bounds(model, *box, C, m)
+            verified[m][sl] = (lb > 0).all(1).cpu()
+            seconds[m] += time.time() - t
+        done = min(i + batch_size, n)
+        print(f"  eps {eps:.4f}: {done}/{n} images, {time.time() - t_start:.0f}s", file=sys.stderr, flush=True)
+    best = torch.zeros(n, dtype=torch.bool)
+    for v in verified.values():
+        best |= v
+    bad = (best & attacked).nonzero().flatten().tolist()
+    return {"eps": eps, "n": n, "clean_err": wrong.float().mean().item(), "pgd_err": attacked.float().mean().item(),
+            "verified_err": {m: 1 - v.float().mean().item() for m, v in verified.items()},
+            "best_verified_err": 1 - best.float().mean().item(), "seconds": seconds,
+            "certified_but_attacked": len(bad), "certified_but_attacked_indices": bad[:100]}
+
+
+def table(rows, methods):
+    head = ["eps", "clean", "PGD"] + [f"{m} verified" for m in methods] + ["best verified"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['eps']:.4f}", f"{100 * r['clean_err']:.2f}%", f"{100 * r['pgd_err']:.2f}%"]
+        cells += [f"{100 * r['verified_err'][m]:.2f}%" for m in methods] + [f"{100 * r['best_verified_err']:.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a .pt file written by train.py")
+    ap.add_argument("--eps", default=None, help="default: the test eps the checkpoint was trained for (e.g. 8/255)")
+    ap.add_argument("--eps-sweep", default=None, help="comma-separated eps list, one row each (e.g. 0.1,0.2,0.3)")
+    ap.add_argument("--methods", default="ibp,crown-ibp", help="comma-separated, any of ibp, crown-ibp, crown")
+    ap.add_argument("--pgd-steps", type=int, default=200)
+    ap.add_argument("--pgd-step-size", default=None, help="default eps/40")
+    ap.add_argument("--restarts", type=int, default=1)
+    ap.add_argument("--n", type=int, default=0, help="evaluate the first n test images (default: all)")
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--data", default="data", help="folder with the datasets (downloaded there if missing)")
+    ap.add_argument("--no-download", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in certmin.METHODS]
+    if unknown or not methods:
+        ap.error(f"--methods: unknown {unknown}; choose from {', '.join(certmin.METHODS)}")
+    try:
+        eps_list = [parse_eps(e) for e in args.eps_sweep.split(",")] if args.eps_sweep else (
+            [parse_eps(args.eps)] if args.eps else None)
+        step_size = parse_eps(args.pgd_step_size) if args.pgd_step_size else None
+    except argparse.ArgumentTypeError as err:
+        ap.error(str(err))
+    try:
+        ck = load_checkpoint(args.checkpoint)
+        cfg = ck["config"]
+        model = build_model(cfg)
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as err:
+            raise DataError(f"{args.checkpoint}: the weights do not fit a {cfg.get('model')} ({str(err)[:200]})")
+        eps_list = eps_list or [cfg["eps"]]
+        _, _, x, y = load_data(cfg["dataset"], args.data, download=not args.no_download)
+    except (DataError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.n:
+        x, y = x[:args.n], y[:args.n]
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # TF32's ~1e-3 relative error could turn a non-certificate into one
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    print(f"{args.checkpoint}: {cfg['method']} {cfg['model']} on {cfg['dataset']} (trained for eps {cfg['eps']:.4f}); "
+          f"{len(y)} test images, {args.dtype}, {device}", flush=True)
+    rows = []
+    for eps in eps_list:
+        step = step_size if step_size is not None else eps / 40
+        rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device))
+    print(table(rows, methods))
+    for r in rows:
+        print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
+    bad = sum(r["certified_but_attacked"] for r in rows)
+    if bad:
+        print(f"\n!!! SOUNDNESS BUG: {bad} example(s) certified but misclassified by PGD "
+              f"(first indices: {rows[0]['certified_but_attacked_indices'][:10]}). Please report it. !!!\n",
+              file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
+                       "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
+                       "rows": rows, "certified_but_attacked": bad}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
