@@ -2,6 +2,7 @@
 
     python bench.py                 # per-step time and peak memory: clean, IBP, CROWN-IBP, AdvIBP steps
     python bench.py --batch 64 --model dm-large --steps 5
+    python bench.py study --epochs 10          # issue 5: AdvIBP vs baselines and ablations on MNIST
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -9,6 +10,8 @@ IBP <= 2.4x clean, CROWN-IBP <= 15x clean, AdvIBP <= 5x clean, CROWN-IBP peak me
 """
 import argparse
 import json
+import math
+import os
 import resource
 import statistics
 import subprocess
@@ -68,7 +71,83 @@ def one(kind, args):
     print(json.dumps({"kind": kind, "seconds": statistics.median(times), "peak_gib": peak}))
 
 
+# ---------------------------------------------------------------------------------------------
+# The study: every method and ablation with the same budget and seed, then verify.py on each
+# ---------------------------------------------------------------------------------------------
+
+STUDY_ROWS = [("advibp", []), ("advibp-biased", ["--weights", "advibp-biased"]), ("mgda", ["--weights", "mgda"]),
+              ("sum", ["--weights", "sum"]), ("ibp", ["--method", "ibp"]), ("crown-ibp", ["--method", "crown-ibp"]),
+              ("pgd", ["--method", "pgd"]), ("natural", ["--method", "natural"])]
+SEEDED = ("advibp", "ibp")  # repeated with every seed, for mean and spread
+
+
+def study(argv):
+    ap = argparse.ArgumentParser(prog="bench.py study", description="AdvIBP against its baselines and ablations "
+                                 "on MNIST eps 0.3, dm-small, one epoch budget and seed for every row")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seeds", default="0,1,2", help="seeds for the advibp and ibp rows (the first for all rows)")
+    ap.add_argument("--n-test", type=int, default=1000, help="test images for PGD-200 and the bounds")
+    ap.add_argument("--train-n", type=int, default=0, help="training images (0: all 60000)")
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--out", default="results", help="writes OUT/study.json, OUT/study.md and OUT/study/<run>/")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = os.path.dirname(os.path.abspath(__file__))
+    runs = [(name, extra, seed) for name, extra in STUDY_ROWS for seed in (seeds if name in SEEDED else seeds[:1])]
+    results = []
+    for name, extra, seed in runs:
+        run_dir = os.path.join(args.out, "study", f"{name}-seed{seed}")
+        report = os.path.join(run_dir, "verify.json")
+        if not os.path.exists(report):  # an interrupted study continues where it stopped
+            cmd = [sys.executable, os.path.join(root, "train.py"), "--dataset", "mnist", "--eps", "0.3",
+                   "--model", "dm-small", "--epochs", str(args.epochs), "--seed", str(seed), "--data", args.data,
+                   "--out", run_dir, "--eval-every", str(10 ** 6), "--train-n", str(args.train_n), *extra]
+            if os.path.exists(os.path.join(run_dir, "last.pt")):
+                cmd.append("--resume")
+            print(f"== {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+            t = time.time()
+            subprocess.run(cmd, check=True)
+            with open(os.path.join(run_dir, "train_seconds"), "a") as f:
+                f.write(f"{time.time() - t}\n")
+            subprocess.run([sys.executable, os.path.join(root, "verify.py"), os.path.join(run_dir, "last.pt"),
+                            "--data", args.data, "--n", str(args.n_test), "--json", report], check=True)
+        with open(report) as f:
+            r = json.load(f)["rows"][0]
+        with open(os.path.join(run_dir, "train_seconds")) as f:
+            wall = sum(float(line) for line in f)
+        results.append({"row": name, "seed": seed, "clean_err": r["clean_err"], "pgd_err": r["pgd_err"],
+                        "ibp_err": r["verified_err"]["ibp"], "crown_ibp_err": r["verified_err"]["crown-ibp"],
+                        "best_err": r["best_verified_err"], "train_seconds": wall,
+                        "seconds_per_epoch": wall / args.epochs, "n_test": r["n"]})
+    cols = ["clean_err", "pgd_err", "ibp_err", "crown_ibp_err", "best_err"]
+    lines = [f"MNIST eps 0.3 (train 0.4), dm-small, {args.epochs} epochs, batch 256, seeds {args.seeds} for "
+             f"advibp and ibp, else {seeds[0]}; errors in % on the first {args.n_test} test images; PGD-200.", "",
+             "| row | seeds | clean | PGD-200 | IBP verified | CROWN-IBP verified | best verified | train wall | s / epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, _ in STUDY_ROWS:
+        rs = [r for r in results if r["row"] == name]
+
+        def cell(key, scale=100.0, fmt="{:.2f}"):
+            v = [r[key] * scale for r in rs]
+            mean = sum(v) / len(v)
+            if len(v) == 1:
+                return fmt.format(mean)
+            sd = math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
+            return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cell(c) for c in cols) +
+                     f" | {cell('train_seconds', 1 / 60, '{:.1f}')} min | {cell('seconds_per_epoch', 1, '{:.0f}')} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "study.json"), "w") as f:
+        json.dump({"epochs": args.epochs, "seeds": seeds, "n_test": args.n_test, "train_n": args.train_n,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": results}, f, indent=1)
+    with open(os.path.join(args.out, "study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
+    if sys.argv[1:2] == ["study"]:
+        return study(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)
