@@ -68,7 +68,8 @@ def one(kind, args):
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else rss_gib() - base
-    print(json.dumps({"kind": kind, "seconds": statistics.median(times), "peak_gib": peak}))
+    print(json.dumps({"kind": kind, "seconds": statistics.median(times), "peak_gib": peak,
+                      "all_seconds": [round(t, 3) for t in times]}))
 
 
 # ---------------------------------------------------------------------------------------------

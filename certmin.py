@@ -370,9 +370,10 @@ def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0):
     z_y - z_j over the eps-box (beta * CROWN-IBP + (1 - beta) * IBP) and m_lb_y = 0;
     verified (N,) is True where every m_lb_j > 0."""
     xl, xu = input_box(x, eps, lo, hi)
-    classes = _layers(model)[-1].out_features if isinstance(_layers(model)[-1], nn.Linear) else None
-    if classes is None:
+    last = _layers(model)[-1]
+    if not isinstance(last, nn.Linear):
         raise TypeError("verified_loss needs a model whose last layer is nn.Linear (the logits)")
+    classes = last.out_features
     m_lb = margin_lower(model, xl, xu, margin_spec(y, classes).to(x.dtype), beta)
     logits = torch.zeros(len(y), classes, dtype=m_lb.dtype, device=m_lb.device)
     logits = logits.scatter(1, _others(y, classes), -m_lb)

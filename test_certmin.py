@@ -27,7 +27,8 @@ TOL32 = 2e-5   # the same in float32
 @st.composite
 def networks(draw, max_classes=4):
     """A random Sequential of Conv2d/Linear/ReLU/Flatten/Normalize layers, an input batch and a label
-    batch. Weight scales up to 10, strides, padding, and affine layers without a ReLU between."""
+    batch. Weight scales up to 10, strides, padding, dilation, groups, and affine layers without a
+    ReLU between them."""
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
     ch, side = draw(st.integers(1, 2)), draw(st.integers(3, 7))
@@ -39,9 +40,11 @@ def networks(draw, max_classes=4):
     for _ in range(draw(st.integers(0, 2))):
         k = draw(st.integers(1, min(3, s)))
         stride, pad = draw(st.integers(1, 2)), draw(st.integers(0, 1))
+        dil = draw(st.integers(1, 2)) if s + 2 * pad - 2 * (k - 1) - 1 >= 0 else 1
         out = draw(st.integers(1, 4))
-        layers.append(nn.Conv2d(c, out, k, stride, pad))
-        c, s = out, (s + 2 * pad - k) // stride + 1
+        groups = 2 if c % 2 == 0 and out % 2 == 0 and draw(st.booleans()) else 1
+        layers.append(nn.Conv2d(c, out, k, stride, pad, dilation=dil, groups=groups))
+        c, s = out, (s + 2 * pad - dil * (k - 1) - 1) // stride + 1
         if draw(st.integers(0, 3)) > 0:
             layers.append(nn.ReLU())
     layers.append(nn.Flatten())

@@ -184,7 +184,8 @@ def load_cifar(root, download=True):
             archive = root / "cifar-10-python.tar.gz"
             _download(CIFAR_URL, archive, CIFAR_MD5)
             with tarfile.open(archive) as t:
-                t.extractall(root, filter="data")
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+                t.extractall(root, **safe)
             found = _find(root, dirs, CIFAR_FILES)
         except OSError as err:
             print(f"download failed: {err}", file=sys.stderr)
