@@ -166,14 +166,15 @@ def _ibp(layers, xl, xu, C=None, record=False):
         shapes.append(c.shape[1:])
         if isinstance(m, nn.Linear):
             if C is not None and i == last:  # elision: bound C W x + C b directly
-                W = C.to(m.weight.dtype) @ m.weight
+                C = C.to(m.weight.dtype)
+                W = C @ m.weight
                 c = (W @ c.unsqueeze(-1)).squeeze(-1) + (C @ m.bias if m.bias is not None else 0)
                 r = (W.abs() @ r.unsqueeze(-1)).squeeze(-1)
                 return c - r, c + r, pre, shapes
             c, r = F.linear(c, m.weight, m.bias), F.linear(r, m.weight.abs())
         elif isinstance(m, nn.Conv2d):
-            c = m._conv_forward(c, m.weight, m.bias)
-            r = m._conv_forward(r, m.weight.abs(), None)
+            c = F.conv2d(c, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            r = F.conv2d(r, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups)
         elif isinstance(m, nn.ReLU):
             l, u = c - r, c + r
             if record:
