@@ -21,6 +21,8 @@ This file imports only the standard library and torch: copy it into your project
     lb, ub = certmin.bounds(net, *certmin.input_box(x, 0.1), method="crown")
 """
 import math
+import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -219,7 +221,7 @@ def _relu_step_backward(out, d_l, d_u, b_u, g_out, g_bias):
     return g_A, (g_out * A_neg).sum(1), (g_bias * A_neg).sum(1)
 
 
-COMPILE_MIN = int(__import__("os").environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
+COMPILE_MIN = int(os.environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
 _compiled = {}
 
 
@@ -235,7 +237,6 @@ def _fused(fn, *args):
             _compiled[fn] = torch.compile(fn, dynamic=True)
         return _compiled[fn](*args)
     except Exception as err:  # no compiler, unsupported platform, ...: fall back for good
-        import warnings
         warnings.warn(f"certmin: torch.compile failed ({type(err).__name__}: {err}); using eager kernels")
         _compiled[fn] = False
         return fn(*args)
