@@ -786,6 +786,22 @@ def test_training_passes_every_phase_and_resumes_exactly(tmp_path):
     assert not list(tmp_path.glob("*/*.tmp"))
 
 
+def test_ctrl_c_saves_mid_epoch_and_resume_finishes(tmp_path):
+    args = [*SMALL, "--train-n", "8192", "--out", str(tmp_path / "i"), "--progress", "0.2"]  # 128 steps/epoch
+    proc = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=Path(__file__).resolve().parent)
+    for line in proc.stdout:  # interrupt inside the second epoch
+        if line.startswith("  epoch 2: step"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130 and "interrupted: saved" in rest
+    ck = train.load_checkpoint(tmp_path / "i" / "last.pt")
+    assert 128 < ck["step"] < 256
+    assert in_process([*args, "--resume"]) == 0
+    assert train.load_checkpoint(tmp_path / "i" / "last.pt")["step"] == 256
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "n")
     assert in_process(SMALL + ["--out", out, "--stop-after", "1"]) == 0

@@ -282,7 +282,12 @@ def row(rec):
     for name, fmt in COLUMNS:
         v = rec.get(name)
         width = int(fmt.split(".")[0].rstrip("dsf"))
-        cells.append(f"{'-':>{width}}" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            cells.append(f"{'-':>{width}}")
+        elif fmt.endswith("d") and not float(v).is_integer():  # an epoch cut short by Ctrl-C
+            cells.append(format(v, f"{width}.2f"))
+        else:
+            cells.append(format(v, fmt))
     return " ".join(cells)
 
 
