@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import certmin
 
+# torch.compile's CPU path warns about a deprecated torch.jit API inside torch itself
+pytestmark = pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 SHARED = Path(os.environ.get("CERTMIN_SHARED", Path(__file__).resolve().parent.parent / "shared"))
 PROP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL64 = 1e-9   # relative tolerance (times 1 + the largest magnitude involved) in float64
@@ -692,6 +694,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import train  # noqa: E402
+import verify  # noqa: E402
 
 DATA = SHARED / "data"
 SMALL = ["--dataset", "mnist", "--eps", "0.3", "--model", "dm-small", "--epochs", "2", "--train-n", "384",
@@ -822,6 +825,16 @@ def test_bad_eps_is_refused_clearly(eps, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_help_explains_the_options(capsys):
+    for main, options in [(train.main, ["--dataset", "--eps", "--method", "--weights", "--epochs", "--resume",
+                                        "--val-split", "--amp", "--data", "torchrun"]),
+                          (verify.main, ["--eps-sweep", "--methods", "--pgd-steps", "--restarts", "--dtype", "--json"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and all(o in out for o in options)
+
+
 def test_bad_dataset_data_folder_and_checkpoint_fail_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         in_process(["--dataset", "imagenet", "--eps", "0.1"])
@@ -848,8 +861,6 @@ def test_torchrun_two_gloo_processes_keep_identical_parameters(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # verify.py
 # ----------------------------------------------------------------------------------------------
-
-import verify  # noqa: E402
 
 
 @pytest.fixture(scope="module")
