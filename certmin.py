@@ -300,8 +300,12 @@ def _concretize(A, bias, xl, xu):
     return (A @ c).squeeze(-1) - (A.abs() @ r).squeeze(-1) + bias
 
 
-def _eye_spec(n, N, like):
-    return torch.eye(n, dtype=like.dtype, device=like.device).expand(N, n, n)
+def _eye_rows(start, stop, n, N, like):
+    """Rows start..stop-1 of the n x n identity, shared by N examples; the other rows are never built
+    (a full identity over a conv layer's 65536 neurons would take 17 GB)."""
+    E = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
+    E[torch.arange(stop - start), torch.arange(start, stop)] = 1
+    return E.expand(N, -1, -1)
 
 
 def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26):
@@ -315,11 +319,10 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26):
             continue
         shape = shapes[i]
         n = math.prod(shape)
-        eye = _eye_spec(n, N, xl)
         chunk = max(1, budget // (2 * N * biggest))
         lows, ups = [], []
         for s in range(0, n, chunk):
-            E = eye[:, s:s + chunk]
+            E = _eye_rows(s, min(s + chunk, n), n, N, xl)
             A = torch.cat([E, -E], 1).reshape(N, -1, *shape)
             lb = _concretize(*_backward(layers, A, pre, shapes, i), xl, xu)
             k = E.shape[1]
@@ -344,7 +347,7 @@ def bounds(model, xl, xu, C=None, method="ibp"):
     if method == "crown":
         pre = _crown_intermediate(layers, xl, xu, pre, shapes)
     if C is None:
-        C = _eye_spec(lb.shape[1], lb.shape[0], xl)
+        C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
     lbs = _concretize(*_backward(layers, A, pre, shapes, len(layers)), xl, xu)

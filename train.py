@@ -284,7 +284,7 @@ def row(rec):
         width = int(fmt.split(".")[0].rstrip("dsf"))
         if v is None or (isinstance(v, float) and math.isnan(v)):
             cells.append(f"{'-':>{width}}")
-        elif fmt.endswith("d") and not float(v).is_integer():  # an epoch cut short by Ctrl-C
+        elif fmt.endswith("d") and not isinstance(v, int):  # an epoch cut short by Ctrl-C
             cells.append(format(v, f"{width}.2f"))
         else:
             cells.append(format(v, fmt))
@@ -468,7 +468,7 @@ def train(args):
             keys = ["k_adv", "k_ver", "conflict", "loss_adv", "loss_ver", "clean_wrong", "adv_wrong", "ver_wrong"]
             reduced = dist.sum([means.get(key, float("nan")) for key in keys])
             m = {key: v / dist.world for key, v in zip(keys, reduced)}
-            rec = {"epoch": epoch + 1 if done else epoch + k / spe, "step": step, "phase": s["phase"],
+            rec = {"epoch": epoch + 1 if done else step / spe, "step": step, "phase": s["phase"],
                    "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
                    "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
                    "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
