@@ -308,15 +308,16 @@ def _eye_rows(start, stop, n, N, like):
     return E.expand(N, -1, -1)
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26):
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None):
     """Replace the IBP bounds in pre by CROWN bounds, layer by layer (full CROWN). Each neuron is a row
-    of an identity specification; rows go in chunks so A stays under `budget` elements."""
+    of an identity specification; rows go in chunks so A stays under `budget` elements. progress, if
+    given, is called as progress(rows done, rows in all) after each chunk."""
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
-    for i in sorted(pre):
-        # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
-        if _affine_count(layers[:i]) <= 1:
-            continue
+    # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
+    todo = [i for i in sorted(pre) if _affine_count(layers[:i]) > 1]
+    total, done = sum(math.prod(shapes[i]) for i in todo), 0
+    for i in todo:
         shape = shapes[i]
         n = math.prod(shape)
         chunk = max(1, budget // (2 * N * biggest))
@@ -328,16 +329,20 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26):
             k = E.shape[1]
             lows.append(lb[:, :k])
             ups.append(-lb[:, k:])
+            done += k
+            if progress is not None:
+                progress(done, total)
         pre[i] = (torch.cat(lows, 1).view(N, *shape), torch.cat(ups, 1).view(N, *shape))
     return pre
 
 
-def bounds(model, xl, xu, C=None, method="ibp"):
+def bounds(model, xl, xu, C=None, method="ibp", progress=None):
     """Sound (lb, ub) of C f(x) over the box [xl, xu]: (N, S) with C (N, S, classes), else (N, classes).
 
     method: "ibp" (Gowal et al. 2018), "crown-ibp" (IBP intermediate bounds, CROWN last pass; Zhang
     et al. 2020) or "crown" (CROWN bounds at every layer; costly, for verification: call it under
-    torch.no_grad() unless you need its gradient, since autograd keeps every neuron chunk's graph)."""
+    torch.no_grad() unless you need its gradient, since autograd keeps every neuron chunk's graph;
+    progress(rows done, rows in all) is called as its intermediate neurons are bounded)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
     layers = _layers(model)
@@ -345,7 +350,7 @@ def bounds(model, xl, xu, C=None, method="ibp"):
     if method == "ibp":
         return lb, ub
     if method == "crown":
-        pre = _crown_intermediate(layers, xl, xu, pre, shapes)
+        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress)
     if C is None:
         C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
     S = C.shape[1]

@@ -293,6 +293,9 @@ def test_crown_is_tighter_than_ibp_on_a_real_network():
     lb = {m: certmin.bounds(net, *box, C, m)[0] for m in certmin.METHODS}
     assert (lb["crown"] >= lb["ibp"] - 1e-4).all()
     assert lb["crown"].mean() > lb["crown-ibp"].mean() > lb["ibp"].mean()
+    calls = []
+    certmin.bounds(net, *box, C, "crown", progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1] == (64, 64) and all(a < b for (a, _), (b, _) in zip(calls, calls[1:]))
 
 
 def test_unsupported_layer_names_itself_and_the_supported_ones():

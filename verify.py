@@ -42,9 +42,16 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
         C = certmin.margin_spec(yb, model[-1].out_features).to(dtype)
         box = certmin.input_box(xb, eps)
         for m in methods:
-            t = time.time()
+            t = last = time.time()
+
+            def progress(done, total):  # full CROWN can take minutes per batch: say how far it is
+                nonlocal last
+                if time.time() - last > 10:
+                    last = time.time()
+                    print(f"  eps {eps:.4f}: images {i}-{min(i + batch_size, n)}, {m}: {done}/{total} "
+                          f"hidden neurons bounded", file=sys.stderr, flush=True)
             with torch.no_grad():
-                lb, _ = certmin.bounds(model, *box, C, m)
+                lb, _ = certmin.bounds(model, *box, C, m, progress=progress)
             verified[m][sl] = (lb > 0).all(1).cpu()
             seconds[m] += time.time() - t
         done = min(i + batch_size, n)
