@@ -317,10 +317,10 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
     todo = [i for i in sorted(pre) if _affine_count(layers[:i]) > 1]
     total, done = sum(math.prod(shapes[i]) for i in todo), 0
+    chunk = max(1, budget // (2 * N * biggest))
     for i in todo:
         shape = shapes[i]
         n = math.prod(shape)
-        chunk = max(1, budget // (2 * N * biggest))
         lows, ups = [], []
         for s in range(0, n, chunk):
             E = _eye_rows(s, min(s + chunk, n), n, N, xl)
