@@ -2,7 +2,7 @@
 
     python bench.py                 # per-step time and peak memory: clean, IBP, CROWN-IBP, AdvIBP steps
     python bench.py --batch 64 --model dm-large --steps 5
-    python bench.py study --epochs 10          # issue 5: AdvIBP vs baselines and ablations on MNIST
+    python bench.py study --data ../shared/data   # issue 5: AdvIBP vs baselines and ablations, MNIST
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -80,35 +81,107 @@ STUDY_ROWS = [("advibp", []), ("advibp-biased", ["--weights", "advibp-biased"]),
               ("sum", ["--weights", "sum"]), ("ibp", ["--method", "ibp"]), ("crown-ibp", ["--method", "crown-ibp"]),
               ("pgd", ["--method", "pgd"]), ("natural", ["--method", "natural"])]
 SEEDED = ("advibp", "ibp")  # repeated with every seed, for mean and spread
+STUDY_COLUMNS = [("clean_err", "clean"), ("pgd_err", "PGD-200"), ("ibp_err", "IBP verified"),
+                 ("crown_ibp_err", "CROWN-IBP verified"), ("best_err", "best verified")]
+
+
+def _epoch_log(path):
+    """One record per finished epoch of a train.py log.jsonl (a resumed run repeats none: the last wins)."""
+    recs = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if isinstance(r["epoch"], int):
+                recs[r["epoch"]] = r
+    return [recs[e] for e in sorted(recs)]
+
+
+def _mean_sd(values):
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def _study_table(results, args, seeds):
+    def cell(rs, key, scale, fmt):
+        mean, sd = _mean_sd([r[key] * scale for r in rs])
+        return fmt.format(mean) + (" ± " + fmt.format(sd) if len(rs) > 1 else "")
+    lines = [f"MNIST, test eps 0.3 (training eps 0.4), dm-small, {args.epochs} epochs of "
+             f"{args.train_n or 60000} training images, batch 256; seeds {','.join(map(str, seeds))} for "
+             f"{' and '.join(SEEDED)} (mean ± sample standard deviation), seed {seeds[0]} for the other rows. "
+             f"Errors in % on the first {args.n_test} test images, PGD-200 from verify.py.", "",
+             "| row | seeds | " + " | ".join(title for _, title in STUDY_COLUMNS) + " | train wall | s / epoch |",
+             "|---" * (len(STUDY_COLUMNS) + 4) + "|"]
+    for name, _ in STUDY_ROWS:
+        rs = [r for r in results if r["row"] == name]
+        if rs:
+            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cell(rs, key, 100, "{:.2f}") for key, _ in STUDY_COLUMNS)
+                         + f" | {cell(rs, 'train_seconds', 1 / 60, '{:.1f}')} min | {cell(rs, 'seconds_per_epoch', 1, '{:.1f}')} |")
+    return lines
+
+
+def _study_plot(results, path):
+    """Test IBP-verified error per epoch, one line per run; only where matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {name: f"C{i}" for i, (name, _) in enumerate(STUDY_ROWS)}
+    for r in results:
+        first = r["seed"] == min(q["seed"] for q in results if q["row"] == r["row"])
+        ax.plot([c["epoch"] for c in r["curve"]], [100 * c["test_ibp_verified_err"] for c in r["curve"]],
+                color=colors[r["row"]], lw=1.6 if first else 0.7, label=r["row"] if first else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("IBP-verified test error at eps 0.3 (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def study(argv):
-    ap = argparse.ArgumentParser(prog="bench.py study", description="AdvIBP against its baselines and ablations "
-                                 "on MNIST eps 0.3, dm-small, one epoch budget and seed for every row")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap = argparse.ArgumentParser(prog="bench.py study", description="Issue 5: AdvIBP against its baselines and "
+                                 "ablations on MNIST eps 0.3, dm-small, one epoch budget and seed for every row. Each run "
+                                 "is train.py then verify.py in a subprocess; an interrupted study continues where it stopped.")
+    ap.add_argument("--epochs", type=int, default=30, help="epoch budget of every run (default 30: about 2 h on 2 CPU cores)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds for the advibp and ibp rows (the first for all rows)")
-    ap.add_argument("--n-test", type=int, default=1000, help="test images for PGD-200 and the bounds")
+    ap.add_argument("--rows", default=",".join(name for name, _ in STUDY_ROWS),
+                    help="comma-separated subset of the rows (default: all)")
+    ap.add_argument("--n-test", type=int, default=1000, help="test images for PGD-200, the bounds and the curves")
     ap.add_argument("--train-n", type=int, default=0, help="training images (0: all 60000)")
-    ap.add_argument("--data", default="data")
-    ap.add_argument("--out", default="results", help="writes OUT/study.json, OUT/study.md and OUT/study/<run>/")
+    ap.add_argument("--data", default="data", help="MNIST folder (downloaded there if missing)")
+    ap.add_argument("--out", default="results", help="writes OUT/study.json, OUT/study.md, OUT/study.png "
+                    "(with matplotlib) and the runs in OUT/study/<row>-seed<seed>/")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    rows = args.rows.split(",")
+    unknown = sorted(set(rows) - {name for name, _ in STUDY_ROWS})
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {[name for name, _ in STUDY_ROWS]}")
     root = os.path.dirname(os.path.abspath(__file__))
-    runs = [(name, extra, seed) for name, extra in STUDY_ROWS for seed in (seeds if name in SEEDED else seeds[:1])]
+    runs = [(name, extra, seed) for name, extra in STUDY_ROWS if name in rows
+            for seed in (seeds if name in SEEDED else seeds[:1])]
     results = []
-    for name, extra, seed in runs:
+    for i, (name, extra, seed) in enumerate(runs):
         run_dir = os.path.join(args.out, "study", f"{name}-seed{seed}")
         report = os.path.join(run_dir, "verify.json")
-        if not os.path.exists(report):  # an interrupted study continues where it stopped
+        if not os.path.exists(report):
             cmd = [sys.executable, os.path.join(root, "train.py"), "--dataset", "mnist", "--eps", "0.3",
                    "--model", "dm-small", "--epochs", str(args.epochs), "--seed", str(seed), "--data", args.data,
-                   "--out", run_dir, "--eval-every", str(10 ** 6), "--train-n", str(args.train_n), *extra]
+                   "--out", run_dir, "--eval-every", "1", "--test-n", str(args.n_test), "--train-n", str(args.train_n),
+                   *extra]
             if os.path.exists(os.path.join(run_dir, "last.pt")):
                 cmd.append("--resume")
-            print(f"== {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+            print(f"== run {i + 1}/{len(runs)}: {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
             t = time.time()
             subprocess.run(cmd, check=True)
-            with open(os.path.join(run_dir, "train_seconds"), "a") as f:
+            with open(os.path.join(run_dir, "train_seconds"), "a") as f:  # one line per (resumed) part
                 f.write(f"{time.time() - t}\n")
             subprocess.run([sys.executable, os.path.join(root, "verify.py"), os.path.join(run_dir, "last.pt"),
                             "--data", args.data, "--n", str(args.n_test), "--json", report], check=True)
@@ -116,33 +189,33 @@ def study(argv):
             r = json.load(f)["rows"][0]
         with open(os.path.join(run_dir, "train_seconds")) as f:
             wall = sum(float(line) for line in f)
+        log = _epoch_log(os.path.join(run_dir, "log.jsonl"))
         results.append({"row": name, "seed": seed, "clean_err": r["clean_err"], "pgd_err": r["pgd_err"],
                         "ibp_err": r["verified_err"]["ibp"], "crown_ibp_err": r["verified_err"]["crown-ibp"],
-                        "best_err": r["best_verified_err"], "train_seconds": wall,
-                        "seconds_per_epoch": wall / args.epochs, "n_test": r["n"]})
-    cols = ["clean_err", "pgd_err", "ibp_err", "crown_ibp_err", "best_err"]
-    lines = [f"MNIST eps 0.3 (train 0.4), dm-small, {args.epochs} epochs, batch 256, seeds {args.seeds} for "
-             f"advibp and ibp, else {seeds[0]}; errors in % on the first {args.n_test} test images; PGD-200.", "",
-             "| row | seeds | clean | PGD-200 | IBP verified | CROWN-IBP verified | best verified | train wall | s / epoch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+                        "best_err": r["best_verified_err"], "certified_but_attacked": r["certified_but_attacked"],
+                        "train_seconds": wall, "seconds_per_epoch": sum(e["seconds"] for e in log) / len(log),
+                        "n_test": r["n"], "verify_seconds": r["seconds"],
+                        "curve": [{k: e[k] for k in ("epoch", "phase", "eps_ver", "test_clean_err",
+                                                     "test_ibp_verified_err", "seconds")} for e in log]})
+    summary = {}
     for name, _ in STUDY_ROWS:
         rs = [r for r in results if r["row"] == name]
-
-        def cell(key, scale=100.0, fmt="{:.2f}"):
-            v = [r[key] * scale for r in rs]
-            mean = sum(v) / len(v)
-            if len(v) == 1:
-                return fmt.format(mean)
-            sd = math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
-            return f"{fmt.format(mean)} ± {fmt.format(sd)}"
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cell(c) for c in cols) +
-                     f" | {cell('train_seconds', 1 / 60, '{:.1f}')} min | {cell('seconds_per_epoch', 1, '{:.0f}')} |")
+        if rs:
+            summary[name] = {key: dict(zip(("mean", "sd"), _mean_sd([r[key] for r in rs])))
+                             for key in [k for k, _ in STUDY_COLUMNS] + ["train_seconds", "seconds_per_epoch"]}
+    lines = _study_table(results, args, seeds)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "python": platform.python_version(), "cuda": torch.cuda.is_available()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump({"epochs": args.epochs, "seeds": seeds, "n_test": args.n_test, "train_n": args.train_n,
-                   "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": results}, f, indent=1)
+                   "eps": 0.3, "eps_train": 0.4, "model": "dm-small", "machine": machine, "summary": summary,
+                   "runs": results}, f, indent=1)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if _study_plot(results, os.path.join(args.out, "study.png")):
+        lines.append(f"\nplot: {os.path.join(args.out, 'study.png')}")
     print("\n".join(lines))
 
 
