@@ -947,26 +947,26 @@ def test_verify_refuses_bad_checkpoints_and_eps(small_checkpoint, tmp_path, caps
 
 def test_study_runner_writes_table_json_and_resumes(tmp_path):
     out = tmp_path / "results"
-    args = ["bench.py", "study", "--rows", "advibp,natural", "--seeds", "0,1", "--epochs", "1", "--train-n", "256",
-            "--n-test", "20", "--data", str(DATA), "--out", str(out)]
+    args = ["bench.py", "study", "--rows", "advibp,natural", "--seeded", "natural", "--seeds", "0,1", "--epochs", "1",
+            "--train-n", "256", "--n-test", "20", "--data", str(DATA), "--out", str(out)]
     first = run_script(args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.count("== run ") == 3  # advibp with both seeds, natural with the first only
+    assert first.stdout.count("== run ") == 3  # natural with both seeds, advibp with the first only
     study = json.loads((out / "study.json").read_text())
-    assert [(r["row"], r["seed"]) for r in study["runs"]] == [("advibp", 0), ("advibp", 1), ("natural", 0)]
+    assert [(r["row"], r["seed"]) for r in study["runs"]] == [("advibp", 0), ("natural", 0), ("natural", 1)]
     for r in study["runs"]:
         report = json.loads((out / "study" / f"{r['row']}-seed{r['seed']}" / "verify.json").read_text())["rows"][0]
         assert r["clean_err"] == report["clean_err"] and r["ibp_err"] == report["verified_err"]["ibp"]
         assert r["n_test"] == 20 and r["certified_but_attacked"] == 0
         assert [c["epoch"] for c in r["curve"]] == [1] and 0 <= r["curve"][0]["test_ibp_verified_err"] <= 1
         assert r["train_seconds"] > r["seconds_per_epoch"] > 0
-    a = [r["clean_err"] for r in study["runs"] if r["row"] == "advibp"]
-    assert study["summary"]["advibp"]["clean_err"]["mean"] == pytest.approx(sum(a) / 2)
-    assert study["summary"]["advibp"]["clean_err"]["sd"] == pytest.approx(abs(a[0] - a[1]) / math.sqrt(2))
-    assert study["summary"]["natural"]["clean_err"] == {"mean": study["runs"][2]["clean_err"], "sd": 0.0}
+    a = [r["clean_err"] for r in study["runs"] if r["row"] == "natural"]
+    assert study["summary"]["natural"]["clean_err"]["mean"] == pytest.approx(sum(a) / 2)
+    assert study["summary"]["natural"]["clean_err"]["sd"] == pytest.approx(abs(a[0] - a[1]) / math.sqrt(2))
+    assert study["summary"]["advibp"]["clean_err"] == {"mean": study["runs"][0]["clean_err"], "sd": 0.0}
     table = (out / "study.md").read_text()
-    assert "| advibp | 2 | " in table and "| natural | 1 | " in table and "| ibp |" not in table
-    assert f"{100 * sum(a) / 2:.2f} ± " in table
+    assert "| advibp | 1 | " in table and "| natural | 2 | " in table and "| ibp |" not in table
+    assert f"| natural | 2 | {100 * sum(a) / 2:.2f} ± " in table
     walls = {p: p.read_text() for p in (out / "study").glob("*/train_seconds")}
     again = run_script(args)  # finished runs are read back, not trained again
     assert again.returncode == 0 and "== run " not in again.stdout
