@@ -102,21 +102,19 @@ def _mean_sd(values):
     return mean, sd
 
 
-def _study_table(results, args, seeds, seeded):
-    def cell(rs, key, scale, fmt):
-        mean, sd = _mean_sd([r[key] * scale for r in rs])
-        return fmt.format(mean) + (" ± " + fmt.format(sd) if len(rs) > 1 else "")
+def _study_table(summary, counts, args, seeds, seeded):
+    def cell(name, key, scale, fmt):
+        m = summary[name][key]
+        return fmt.format(m["mean"] * scale) + (" ± " + fmt.format(m["sd"] * scale) if counts[name] > 1 else "")
     lines = [f"MNIST, test eps 0.3 (training eps 0.4), dm-small, {args.epochs} epochs of "
              f"{args.train_n or 60000} training images, batch 256; seeds {','.join(map(str, seeds))} for "
              f"{', '.join(seeded)} (mean ± sample standard deviation), seed {seeds[0]} for the other rows. "
              f"Errors in % on the first {args.n_test} test images, PGD-200 from verify.py.", "",
              "| row | seeds | " + " | ".join(title for _, title in STUDY_COLUMNS) + " | train wall | s / epoch |",
              "|---" * (len(STUDY_COLUMNS) + 4) + "|"]
-    for name, _ in STUDY_ROWS:
-        rs = [r for r in results if r["row"] == name]
-        if rs:
-            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cell(rs, key, 100, "{:.2f}") for key, _ in STUDY_COLUMNS)
-                         + f" | {cell(rs, 'train_seconds', 1 / 60, '{:.1f}')} min | {cell(rs, 'seconds_per_epoch', 1, '{:.1f}')} |")
+    for name in summary:
+        lines.append(f"| {name} | {counts[name]} | " + " | ".join(cell(name, key, 100, "{:.2f}") for key, _ in STUDY_COLUMNS)
+                     + f" | {cell(name, 'train_seconds', 1 / 60, '{:.1f}')} min | {cell(name, 'seconds_per_epoch', 1, '{:.1f}')} |")
     return lines
 
 
@@ -199,13 +197,14 @@ def study(argv):
                         "n_test": r["n"], "verify_seconds": r["seconds"],
                         "curve": [{k: e[k] for k in ("epoch", "phase", "eps_ver", "test_clean_err",
                                                      "test_ibp_verified_err", "seconds")} for e in log]})
-    summary = {}
+    summary, counts = {}, {}  # per row, in STUDY_ROWS order: mean and sd over its seeds
     for name, _ in STUDY_ROWS:
         rs = [r for r in results if r["row"] == name]
         if rs:
+            counts[name] = len(rs)
             summary[name] = {key: dict(zip(("mean", "sd"), _mean_sd([r[key] for r in rs])))
                              for key in [k for k, _ in STUDY_COLUMNS] + ["train_seconds", "seconds_per_epoch"]}
-    lines = _study_table(results, args, seeds, seeded)
+    lines = _study_table(summary, counts, args, seeds, seeded)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "python": platform.python_version(), "cuda": torch.cuda.is_available()}
