@@ -588,7 +588,8 @@ class TwoGradient:
         for p in self.params:
             p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": bool(conflict)}
+        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": bool(conflict),
+                "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}
 
     def state_dict(self):
         return {"mode": self.mode, "was_final": self.was_final, "count": self.count, "m_a": self.m_a,

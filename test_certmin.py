@@ -2,6 +2,7 @@
 rule and its distributed form. Real data and weights are read from ../shared (or $CERTMIN_SHARED)."""
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,20 @@ import certmin
 # torch.compile's CPU path warns about a deprecated torch.jit API inside torch itself
 pytestmark = pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 SHARED = Path(os.environ.get("CERTMIN_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+REQUIRE_SHARED = os.environ.get("CERTMIN_REQUIRE_SHARED") == "1"  # .ci/run sets it: nothing may skip there
+
+
+def need_shared():
+    """Skip a test that reads ../shared where it is absent (a clone on its own); fail instead under
+    CERTMIN_REQUIRE_SHARED=1, so CI cannot pass by skipping."""
+    missing = [p for p in ("data/mnist", "data/cifar10", "models") if not (SHARED / p).is_dir()]
+    if missing:
+        message = (f"{SHARED} has no {', '.join(missing)}: this test reads real data or trained networks. Set "
+                   "CERTMIN_SHARED to a folder holding data/mnist (the four MNIST .gz files), "
+                   "data/cifar10/cifar-10-batches-py and models/*.pth (see README)")
+        (pytest.fail if REQUIRE_SHARED else pytest.skip)(message)
+
+
 PROP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL64 = 1e-9   # relative tolerance (times 1 + the largest magnitude involved) in float64
 TOL32 = 2e-5   # the same in float32
@@ -367,6 +382,7 @@ def test_verified_loss_matches_its_definition():
 
 
 def load_shared_model(name):
+    need_shared()
     path = SHARED / "models" / name
     assert path.exists(), f"missing {path}: the tests need ../shared beside the checkout"
     state = torch.load(path, weights_only=True, map_location="cpu")
@@ -389,6 +405,7 @@ def load_shared_model(name):
 def mnist_test(n):
     import gzip
     import numpy as np
+    need_shared()
     root = SHARED / "data" / "mnist"
     with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
         x = np.frombuffer(f.read(), np.uint8, offset=16)[:n * 784]
@@ -705,12 +722,16 @@ SMALL = ["--dataset", "mnist", "--eps", "0.3", "--model", "dm-small", "--epochs"
 
 
 def run_script(args, **kw):
+    if any(str(DATA) in a for a in args):
+        need_shared()
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parent, **kw)
 
 
 def in_process(argv):
     """train.main in this process, restoring the SIGINT handler it installs."""
+    if any(str(DATA) in a for a in argv):
+        need_shared()
     handler = signal.getsignal(signal.SIGINT)
     try:
         return train.main(argv)
@@ -719,6 +740,7 @@ def in_process(argv):
 
 
 def test_mnist_loader_reads_the_real_files():
+    need_shared()
     x, y, xt, yt = train.load_data("mnist", DATA, download=False)
     assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8
     assert x.max() == 255 and x.min() == 0
@@ -728,6 +750,7 @@ def test_mnist_loader_reads_the_real_files():
 
 
 def test_cifar_loader_reads_the_real_files():
+    need_shared()
     x, y, xt, yt = train.load_data("cifar", DATA, download=False)
     assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8
     assert torch.bincount(y).tolist() == [5000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
@@ -736,6 +759,7 @@ def test_cifar_loader_reads_the_real_files():
 
 
 def test_mnist_download_checks_the_checksum(tmp_path, monkeypatch):
+    need_shared()
     monkeypatch.setattr(train, "MNIST_URL", (DATA / "mnist").as_uri() + "/")  # a local "server"
     x, y, xt, yt = train.load_data("mnist", tmp_path, download=True)
     assert len(y) == 60000 and (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
@@ -793,6 +817,7 @@ def test_training_passes_every_phase_and_resumes_exactly(tmp_path):
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_finishes(tmp_path):
+    need_shared()
     args = [*SMALL, "--train-n", "8192", "--out", str(tmp_path / "i"), "--progress", "0.2"]  # 128 steps/epoch
     proc = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=Path(__file__).resolve().parent)
@@ -818,6 +843,48 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, step 6" in err and "intact" in err
     assert (tmp_path / "n" / "last.pt").read_bytes() == before
+
+
+def test_a_collapse_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A run made to collapse on purpose: one epoch of natural training at a sane rate (train error
+    ~0.46), then Adam at lr 1, which drives dm-small to chance-level predictions in the next epoch."""
+    real = train.schedule
+
+    def sabotaged(cfg, e):
+        s = real(cfg, e)
+        if e < 1:
+            s.update(phase="natural", lr=3e-3)
+        else:
+            s["lr"] = 1.0
+        return s
+    monkeypatch.setattr(train, "schedule", sabotaged)
+    args = [*SMALL, "--epochs", "3", "--train-n", "1024", "--test-n", "100"]
+    assert in_process([*args, "--out", str(tmp_path / "c")]) == 3
+    err = capsys.readouterr().err
+    assert "training collapsed in epoch 2 (joint-final)" in err and "is at chance (0.90)" in err, err
+    assert "last.pt still holds step 16 (epoch 1), the last good one" in err and "--epochs" in err
+    good, bad = (train.load_checkpoint(tmp_path / "c" / name) for name in ("last.pt", "collapsed.pt"))
+    assert (good["epoch"], good["step"], bad["epoch"], bad["step"]) == (1, 16, 2, 32)
+    assert good["clean_err_history"][0] < 0.5
+    log = [json.loads(line) for line in open(tmp_path / "c" / "log.jsonl")]
+    assert [r["collapse"] is not None for r in log] == [False, True] and log[1]["clean_err"] > 0.85
+    # --allow-collapse trains on to the end
+    assert in_process([*args, "--out", str(tmp_path / "a"), "--allow-collapse"]) == 0
+    assert train.load_checkpoint(tmp_path / "a" / "last.pt")["epoch"] == 3
+
+
+def test_collapse_rule():
+    assert train.collapse_reason(0.88, [0.6, 0.3], 10).startswith("train clean error 0.880 is at chance")
+    assert train.collapse_reason(0.88, [0.9, 0.87], 10) is None  # never low: a run that has not learnt yet
+    assert train.collapse_reason(0.71, [0.3, 0.21], 10) == "train clean error rose from 0.210 to 0.710 in one epoch"
+    assert train.collapse_reason(0.30, [0.3, 0.21], 10) is None and train.collapse_reason(0.9, [], 10) is None
+
+
+def test_progress_line_estimates_the_time_left(tmp_path, capsys):
+    assert in_process([*SMALL, "--out", str(tmp_path / "p"), "--progress", "1e-6", "--stop-after", "1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  epoch 1: step 3/6")]
+    assert len(lines) == 1 and re.search(r"at \d+\.\d\d s/step the epoch ends in \d+s and the run in \d+s$", lines[0])
+    assert [train.duration(s) for s in (5, 130, 7300, 4e6)] == ["5s", "2m", "2.0h", "46.3d"]
 
 
 @pytest.mark.parametrize("eps,message", [("8/0", "fraction like 8/255"), ("abc", "fraction like 8/255"),
@@ -974,3 +1041,21 @@ def test_study_runner_writes_table_json_and_resumes(tmp_path):
     assert json.loads((out / "study.json").read_text())["runs"] == study["runs"]
     bad = run_script(["bench.py", "study", "--rows", "advibp,lp", "--out", str(out)])
     assert bad.returncode == 2 and "unknown rows ['lp']" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A clone without ../shared: those tests skip and say why; under CERTMIN_REQUIRE_SHARED=1 they fail
+# ---------------------------------------------------------------------------------------------
+
+
+def test_without_shared_the_data_tests_skip_and_ci_fails(tmp_path):
+    select = ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_certmin.py", "-k",
+              "loader_reads or crown_is_tighter or help_explains"]
+    env = {**os.environ, "CERTMIN_SHARED": str(tmp_path / "nowhere"), "CERTMIN_REQUIRE_SHARED": "0"}
+    alone = subprocess.run([sys.executable, *select], capture_output=True, text=True, timeout=300, env=env,
+                           cwd=Path(__file__).resolve().parent)
+    assert alone.returncode == 0, alone.stdout[-2000:]
+    assert "1 passed, 3 skipped" in alone.stdout and "Set CERTMIN_SHARED to a folder holding" in alone.stdout
+    ci = subprocess.run([sys.executable, *select], capture_output=True, text=True, timeout=300,
+                        env={**env, "CERTMIN_REQUIRE_SHARED": "1"}, cwd=Path(__file__).resolve().parent)
+    assert ci.returncode == 1 and "3 failed, 1 passed" in ci.stdout, ci.stdout[-2000:]

@@ -269,12 +269,79 @@ def load_checkpoint(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# One training step per phase. Each takes a batch and the schedule s and returns the loss to
+# minimise (for AdvIBP once the verified term is on: the pair that TwoGradient weights, and FOSC)
+# and the figures to log, as tensors, read once per epoch.
+# ---------------------------------------------------------------------------------------------
+
+
+def natural_step(model, x, y, s, cfg):
+    """Cross-entropy on clean inputs."""
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"clean_wrong": (logits.argmax(1) != y).float().mean()}
+
+
+def pgd_step(model, x, y, s, cfg):
+    """Madry et al.: cross-entropy at a PGD point of the eps_adv ball."""
+    xa = certmin.pgd(model, x, y, s["eps_adv"], steps=cfg["pgd_steps"], step_size=2.5 * s["eps_adv"] / cfg["pgd_steps"])
+    logits = model(xa)
+    loss = F.cross_entropy(logits, y)
+    return loss, {"loss_adv": loss.detach(), "adv_wrong": (logits.argmax(1) != y).float().mean()}
+
+
+def bound_step(model, x, y, s, cfg):
+    """IBP (Gowal et al.) or CROWN-IBP (Zhang et al.): kappa * clean CE + (1 - kappa) * verified loss."""
+    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+    loss = s["kappa"] * F.cross_entropy(model(x), y) + (1 - s["kappa"]) * loss_ver
+    return loss, {"loss_ver": loss_ver.detach(), "ver_wrong": (~verified).float().mean()}
+
+
+def advibp_step(model, x, y, s, cfg):
+    """AdvIBP: the adversarial loss at an FGSM-RS point and its FOSC; in the warm-up that loss alone,
+    from the joint phase on also the verified loss, as (loss_adv, loss_ver, fosc) for TwoGradient."""
+    xa = certmin.fgsm_rs(model, x, y, s["eps_adv"])
+    loss_adv, fosc, wrong = certmin.adv_loss_and_fosc(model, xa, x, y, s["eps_adv"])
+    figures = {"loss_adv": loss_adv.detach(), "adv_wrong": wrong.float().mean()}
+    if s["phase"] == "adv-warmup":
+        return loss_adv, figures
+    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+    figures.update(loss_ver=loss_ver.detach(), ver_wrong=(~verified).float().mean())
+    return (loss_adv, loss_ver, fosc), figures
+
+
+def step_function(method, phase):
+    if phase == "natural":
+        return natural_step
+    return {"pgd": pgd_step, "ibp": bound_step, "crown-ibp": bound_step}.get(method, advibp_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The collapse guard. At short budgets AdvIBP can fall into the constant classifier (README,
+# "The collapse"): every margin bound 0, verified loss ln(classes), clean error 1 - 1/classes.
+# ---------------------------------------------------------------------------------------------
+
+COLLAPSE_LOW, COLLAPSE_JUMP = 0.4, 0.4  # below chance by this much counts as "was low"; a one-epoch rise
+
+
+def collapse_reason(err, history, classes):
+    """Why this epoch's train clean error `err` is a collapse, given the earlier epochs' errors, or None."""
+    chance = 1 - 1 / classes
+    best = min(history, default=1.0)
+    if err >= chance - 0.05 and best <= chance - COLLAPSE_LOW:
+        return f"train clean error {err:.3f} is at chance ({chance:.2f}) after reaching {best:.3f}"
+    if history and err - history[-1] >= COLLAPSE_JUMP:
+        return f"train clean error rose from {history[-1]:.3f} to {err:.3f} in one epoch"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: set-up, then a loop that owns the schedule, logging, evaluation and checkpoints
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = [("epoch", "5d"), ("phase", "11s"), ("eps_adv", "7.4f"), ("eps_ver", "7.4f"), ("beta", "5.2f"),
            ("c_t", "7.5f"), ("k_adv", "7.3f"), ("k_ver", "7.3f"), ("conflict", "8.2f"), ("loss_adv", "8.4f"),
            ("loss_ver", "8.4f"), ("clean_err", "9.4f"), ("adv_err", "7.4f"), ("ver_err", "7.4f"), ("seconds", "7.1f")]
+FIGURES = ["k_adv", "k_ver", "conflict", "loss_adv", "loss_ver", "clean_wrong", "adv_wrong", "ver_wrong"]
 
 
 def row(rec):
@@ -293,6 +360,14 @@ def row(rec):
 
 def header():
     return " ".join(f"{n:>{int(f.split('.')[0].rstrip('dsf'))}}" for n, f in COLUMNS)
+
+
+def duration(seconds):
+    """12s, 7m, 3.2h, 41.0d: a time left, at a glance."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f}{unit}" if unit != "m" else f"{seconds / size:.0f}m"
+    return f"{seconds:.0f}s"
 
 
 class Dist:
@@ -328,6 +403,23 @@ class Dist:
         return t.tolist()
 
 
+def setup_data(cfg, args, device):
+    """The training, test and (with --val-split) validation images, uint8 on the device, once: no loader
+    workers, no copies at evaluation time."""
+    x_train, y_train, x_test, y_test = load_data(cfg["dataset"], args.data, download=not args.no_download)
+    if cfg["train_n"]:
+        x_train, y_train = x_train[:cfg["train_n"]], y_train[:cfg["train_n"]]
+    if args.test_n:
+        x_test, y_test = x_test[:args.test_n], y_test[:args.test_n]
+    val = None
+    if cfg["val_split"]:  # hold out a seeded random subset of the training set for selection
+        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"]))
+        v, keep = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
+        val = (x_train[v].to(device), y_train[v].to(device))
+        x_train, y_train = x_train[keep], y_train[keep]
+    return (x_train.to(device), y_train.to(device)), (x_test.to(device), y_test.to(device)), val
+
+
 def train(args):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = Dist(device)
@@ -346,20 +438,7 @@ def train(args):
         if master:
             print(f"resuming {ck_path} at epoch {ck['epoch']} (step {start_step})", flush=True)
     torch.manual_seed(cfg["seed"])
-
-    x_train, y_train, x_test, y_test = load_data(cfg["dataset"], args.data, download=not args.no_download)
-    if cfg["train_n"]:
-        x_train, y_train = x_train[:cfg["train_n"]], y_train[:cfg["train_n"]]
-    if args.test_n:
-        x_test, y_test = x_test[:args.test_n], y_test[:args.test_n]
-    if cfg["val_split"]:  # hold out a seeded random subset of the training set for selection
-        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"]))
-        val, keep = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
-        x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[keep], y_train[keep]
-    # uint8 on the device, once: no loader workers, no copies at evaluation time
-    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
-    if cfg["val_split"]:
-        x_val, y_val = x_val.to(device), y_val.to(device)
+    (x_train, y_train), (x_test, y_test), val = setup_data(cfg, args, device)
 
     model = build_model(cfg).to(device)
     if dist.world > 1:  # same start on every rank
@@ -374,6 +453,8 @@ def train(args):
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
     best = ck.get("best_val", math.inf) if ck else math.inf
+    history = list(ck.get("clean_err_history", [])) if ck else []  # train clean error per epoch
+    classes = model[-1].out_features
 
     bs = cfg["batch_size"]
     if bs % dist.world:
@@ -388,18 +469,23 @@ def train(args):
               f"{f' x {dist.world} processes' if dist.world > 1 else ''}; writing {out}", flush=True)
         print(header(), flush=True)
 
+    saved = {"step": start_step, "epoch": ck["epoch"] if ck else 0}  # what last.pt holds
+
     def checkpoint(step, epoch, path=ck_path):
+        if path == ck_path:
+            saved.update(step=step, epoch=epoch)
         if master:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "two_gradient": tg.state_dict(), "epoch": epoch, "step": step, "config": cfg,
-                         "best_val": best, "rng": {"torch": torch.get_rng_state(),
-                                                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}},
-                         path)
+                         "best_val": best, "clean_err_history": history,
+                         "rng": {"torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, path)
 
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, save, exit
 
-    step = start_step
+    trace = open(args.trace, "a") if args.trace and master else None
+    step, status = start_step, 0
     stats, phases, t0 = {}, {}, time.time()
     last_progress = t0
     perm_epoch, perm = None, None
@@ -409,101 +495,97 @@ def train(args):
             g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
             perm_epoch, perm = epoch, torch.randperm(len(y_train), generator=g).to(device)
         idx = perm[(k * bs):(k + 1) * bs][dist.rank::dist.world]
-        x = x_train[idx].float() / 255
-        y = y_train[idx]
+        x, y = x_train[idx].float() / 255, y_train[idx]
         if cfg["dataset"] == "cifar":
             x = augment(x)
         s = schedule(cfg, step / spe)
         for g in opt.param_groups:
             g["lr"] = s["lr"]
         opt.zero_grad(set_to_none=True)
-        rec = {}
+
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            method, phase = cfg["method"], s["phase"]
-            if phase == "natural":
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                rec["clean_wrong"] = (logits.argmax(1) != y).float().mean().item()
-            elif method == "pgd":
-                xa = certmin.pgd(model, x, y, s["eps_adv"], steps=cfg["pgd_steps"],
-                                 step_size=2.5 * s["eps_adv"] / cfg["pgd_steps"])
-                logits = model(xa)
-                loss = F.cross_entropy(logits, y)
-                rec.update(loss_adv=loss.item(), adv_wrong=(logits.argmax(1) != y).float().mean().item())
-            elif method in ("ibp", "crown-ibp"):
-                loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
-                loss = s["kappa"] * F.cross_entropy(model(x), y) + (1 - s["kappa"]) * loss_ver
-                rec.update(loss_ver=loss_ver.item(), ver_wrong=(~verified).float().mean().item())
-            else:  # advibp, advcrown-ibp
-                xa = certmin.fgsm_rs(model, x, y, s["eps_adv"])
-                loss_adv, fosc, wrong = certmin.adv_loss_and_fosc(model, xa, x, y, s["eps_adv"])
-                rec.update(loss_adv=loss_adv.item(), adv_wrong=wrong.float().mean().item())
-                if phase == "adv-warmup":
-                    loss = loss_adv
-                else:
-                    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
-                    rec.update(loss_ver=loss_ver.item(), ver_wrong=(~verified).float().mean().item())
-                    loss = None
-        if loss is None:
-            bad = not (math.isfinite(rec["loss_adv"]) and math.isfinite(rec["loss_ver"]))
-        else:
-            bad = not math.isfinite(loss.item())
-        if bad:
-            raise DataError(f"non-finite loss at epoch {epoch + 1}, step {step} ({rec}); stopping. The last good "
+            loss, rec = step_function(cfg["method"], s["phase"])(model, x, y, s, cfg)
+        two = isinstance(loss, tuple)  # AdvIBP's pair of losses, weighted by TwoGradient
+        if not all(math.isfinite(t.item()) for t in (loss[:2] if two else (loss,))):
+            figures = {key: round(float(v), 4) for key, v in rec.items()}
+            raise DataError(f"non-finite loss at epoch {epoch + 1}, step {step} ({figures}); stopping. The last good "
                             f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
-        if loss is None:
+        if two:
+            loss_adv, loss_ver, fosc = loss
             rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
         else:
             loss.backward()
             dist.mean_([p.grad for p in model.parameters()])
         opt.step()
-        if phase != "natural":  # after the step: a cheap no-grad forward
+        if s["phase"] != "natural":  # after the step: a cheap no-grad forward
             with torch.no_grad():
-                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean().item()
+                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean()
         for key, v in rec.items():
-            if v is not None:
-                stats.setdefault(key, []).append(float(v))
+            stats.setdefault(key, []).append(v)
+        if trace:  # one line per step: a sync per step, for post-mortems only
+            trace.write(json.dumps({"step": step, "epoch": step / spe, "phase": s["phase"], "lr": s["lr"],
+                                    "eps_ver": s["eps_ver"], **{key: float(v) for key, v in rec.items()}}) + "\n")
         phases.setdefault(s["phase"], None)
         step += 1
+
         if master and args.progress and time.time() - last_progress > args.progress and step % spe:
             last_progress = time.time()
-            print(f"  epoch {epoch + 1}: step {step % spe}/{spe}, {last_progress - t0:.0f}s", file=sys.stderr, flush=True)
-        if step % spe == 0 or step == total or stop["now"]:
-            done = step % spe == 0 or step == total
-            means = {key: (sum(v) / len(v) if v else float("nan")) for key, v in stats.items()}
-            keys = ["k_adv", "k_ver", "conflict", "loss_adv", "loss_ver", "clean_wrong", "adv_wrong", "ver_wrong"]
-            reduced = dist.sum([means.get(key, float("nan")) for key in keys])
-            m = {key: v / dist.world for key, v in zip(keys, reduced)}
-            rec = {"epoch": epoch + 1 if done else step / spe, "step": step, "phase": s["phase"],
-                   "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
-                   "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
-                   "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
-                   "clean_err": m["clean_wrong"], "adv_err": m["adv_wrong"], "ver_err": m["ver_wrong"],
-                   "seconds": time.time() - t0, "phases": list(phases)}
-            ep = epoch + 1
-            if done and master and (ep % args.eval_every == 0 or step == total):
-                model.eval()
-                rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test, y_test, cfg["eps"])
-                if cfg["val_split"]:
-                    rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, x_val, y_val, cfg["eps"])
-                model.train()
+            pace = (last_progress - t0) / (step % spe)  # seconds per step in this epoch so far
+            print(f"  epoch {epoch + 1}: step {step % spe}/{spe}, {last_progress - t0:.0f}s; at {pace:.2f} s/step "
+                  f"the epoch ends in {duration(pace * (spe - step % spe))} and the run in "
+                  f"{duration(pace * (total - step))}", file=sys.stderr, flush=True)
+        if step % spe and step != total and not stop["now"]:
+            continue
+        # end of an epoch (or of an interrupted one): log, evaluate, check for a collapse, save
+        done = step % spe == 0 or step == total
+        means = {key: sum(float(v) for v in vs) / len(vs) for key, vs in stats.items()}
+        m = dict(zip(FIGURES, (v / dist.world for v in dist.sum([means.get(key, math.nan) for key in FIGURES]))))
+        rec = {"epoch": epoch + 1 if done else step / spe, "step": step, "phase": s["phase"],
+               "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
+               "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
+               "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
+               "clean_err": m["clean_wrong"], "adv_err": m["adv_wrong"], "ver_err": m["ver_wrong"],
+               "seconds": time.time() - t0, "phases": list(phases)}
+        ep = epoch + 1
+        if done and master and (ep % args.eval_every == 0 or step == total):
+            model.eval()
+            rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test, y_test, cfg["eps"])
+            if val is not None:
+                rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, *val, cfg["eps"])
+            model.train()
+        reason = collapse_reason(rec["clean_err"], history, classes) if done and not args.allow_collapse else None
+        if master:
+            print(row(rec), flush=True)
+            if "test_clean_err" in rec:
+                line = f"  test: clean error {rec['test_clean_err']:.4f}, IBP-verified error {rec['test_ibp_verified_err']:.4f} at eps {cfg['eps']:.4f}"
+                if "val_clean_err" in rec:
+                    line += f"; validation: clean {rec['val_clean_err']:.4f}, IBP-verified {rec['val_ibp_verified_err']:.4f}"
+                print(line, flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({**rec, "collapse": reason, "config": cfg}) + "\n")
+        if reason:  # last.pt keeps the epoch before; the collapsed weights go aside for a post-mortem
+            checkpoint(step, ep, out / "collapsed.pt")
             if master:
-                print(row(rec), flush=True)
-                if "test_clean_err" in rec:
-                    line = f"  test: clean error {rec['test_clean_err']:.4f}, IBP-verified error {rec['test_ibp_verified_err']:.4f} at eps {cfg['eps']:.4f}"
-                    if "val_clean_err" in rec:
-                        line += f"; validation: clean {rec['val_clean_err']:.4f}, IBP-verified {rec['val_ibp_verified_err']:.4f}"
-                    print(line, flush=True)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps({**rec, "config": cfg}) + "\n")
-                if rec.get("val_ibp_verified_err", math.inf) < best:
-                    best = rec["val_ibp_verified_err"]
-                    checkpoint(step, ep, out / "best.pt")
-                checkpoint(step, ep if done else epoch)
-            stats, phases, t0 = {}, {}, time.time()
-            last_progress = t0
-            if args.stop_after and done and ep >= args.stop_after:
-                break
+                print(f"error: training collapsed in epoch {ep} ({s['phase']}): {reason}; verified loss "
+                      f"{rec['loss_ver']:.3f} (ln {classes} = {math.log(classes):.3f} is the constant classifier's). "
+                      f"Stopping: {ck_path} still holds step {saved['step']} (epoch {saved['epoch']}), the last good "
+                      f"one, and {out / 'collapsed.pt'} the collapsed weights. What to change: a longer "
+                      f"schedule (--epochs; the preset's is 250 on MNIST, README 'The collapse'), or --allow-collapse "
+                      f"to train on regardless.", file=sys.stderr, flush=True)
+            status = 3
+            break
+        if done:
+            history.append(rec["clean_err"])
+        if rec.get("val_ibp_verified_err", math.inf) < best:
+            best = rec["val_ibp_verified_err"]
+            checkpoint(step, ep, out / "best.pt")
+        checkpoint(step, ep if done else epoch)
+        stats, phases, t0 = {}, {}, time.time()
+        last_progress = t0
+        if args.stop_after and done and ep >= args.stop_after:
+            break
+    if trace:
+        trace.close()
     if stop["now"] and master:
         print(f"interrupted: saved {ck_path} at step {step}; continue with --resume", flush=True)
     if dist.world > 1:  # every rank must hold the same weights; say so loudly if not
@@ -516,7 +598,7 @@ def train(args):
             print(f"all {dist.world} ranks hold identical parameters", flush=True)
         import torch.distributed as tdist
         tdist.destroy_process_group()
-    return 130 if stop["now"] else 0
+    return status or (130 if stop["now"] else 0)
 
 
 def main(argv=None):
@@ -548,6 +630,11 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (resume later)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per batch for --method pgd")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the training losses on CUDA")
+    ap.add_argument("--allow-collapse", action="store_true",
+                    help="train on when an epoch collapses to the constant classifier (by default the run stops "
+                         "with exit status 3, keeps last.pt at the last good epoch and saves collapsed.pt)")
+    ap.add_argument("--trace", default=None, help="append one JSON line per training step to this file "
+                    "(losses, weights k_adv/k_ver/k_reg, gradient norms, errors); slower")
     ap.add_argument("--progress", type=float, default=30, help="seconds between progress lines within an epoch")
     args = ap.parse_args(argv)
     try:
