@@ -871,6 +871,7 @@ def test_a_collapse_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     # --allow-collapse trains on to the end
     assert in_process([*args, "--out", str(tmp_path / "a"), "--allow-collapse"]) == 0
     assert train.load_checkpoint(tmp_path / "a" / "last.pt")["epoch"] == 3
+    assert "warning: training collapsed in epoch 2" in capsys.readouterr().err
 
 
 def test_collapse_rule():

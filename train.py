@@ -553,7 +553,7 @@ def train(args):
             if val is not None:
                 rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, *val, cfg["eps"])
             model.train()
-        reason = collapse_reason(rec["clean_err"], history, classes) if done and not args.allow_collapse else None
+        reason = collapse_reason(rec["clean_err"], history, classes) if done else None
         if master:
             print(row(rec), flush=True)
             if "test_clean_err" in rec:
@@ -563,7 +563,10 @@ def train(args):
                 print(line, flush=True)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({**rec, "collapse": reason, "config": cfg}) + "\n")
-        if reason:  # last.pt keeps the epoch before; the collapsed weights go aside for a post-mortem
+        if reason and args.allow_collapse and master:
+            print(f"warning: training collapsed in epoch {ep}: {reason}; training on (--allow-collapse)",
+                  file=sys.stderr, flush=True)
+        elif reason:  # last.pt keeps the epoch before; the collapsed weights go aside for a post-mortem
             checkpoint(step, ep, out / "collapsed.pt")
             if master:
                 print(f"error: training collapsed in epoch {ep} ({s['phase']}): {reason}; verified loss "
