@@ -132,7 +132,8 @@ def margin_spec(y, classes):
 # ----------------------------------------------------------------------------------------------
 
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize)
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+ALPHA_STEPS, ALPHA_LR = 20, 0.1  # alpha-CROWN's defaults: projected Adam steps and their rate
 
 
 def _layers(model):
@@ -157,6 +158,18 @@ def _affine_count(layers):
     return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in layers)
 
 
+def _ibp_layer(m, c, r):
+    """One layer of IBP in centre/radius form, for every layer but ReLU."""
+    if isinstance(m, nn.Linear):
+        return F.linear(c, m.weight, m.bias), F.linear(r, m.weight.abs())
+    if isinstance(m, nn.Conv2d):
+        return (F.conv2d(c, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups),
+                F.conv2d(r, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups))
+    if isinstance(m, Normalize):
+        return (c - m.mean) / m.std, r / m.std
+    return c.flatten(1), r.flatten(1)  # Flatten
+
+
 def _ibp(layers, xl, xu, C=None, record=False):
     """Interval bounds. Returns (lb, ub, pre, shapes): pre[i] = (l, u) at the input of ReLU i (when
     record), shapes[i] = the input shape of layer i. With C the last Linear layer is elided."""
@@ -166,27 +179,20 @@ def _ibp(layers, xl, xu, C=None, record=False):
     pre, shapes, last = {}, [], len(layers) - 1
     for i, m in enumerate(layers):
         shapes.append(c.shape[1:])
-        if isinstance(m, nn.Linear):
-            if C is not None and i == last:  # elision: bound C W x + C b directly
-                C = C.to(m.weight.dtype)
-                W = C @ m.weight
-                c = (W @ c.unsqueeze(-1)).squeeze(-1) + (C @ m.bias if m.bias is not None else 0)
-                r = (W.abs() @ r.unsqueeze(-1)).squeeze(-1)
-                return c - r, c + r, pre, shapes
-            c, r = F.linear(c, m.weight, m.bias), F.linear(r, m.weight.abs())
-        elif isinstance(m, nn.Conv2d):
-            c = F.conv2d(c, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-            r = F.conv2d(r, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups)
-        elif isinstance(m, nn.ReLU):
+        if isinstance(m, nn.Linear) and C is not None and i == last:  # elision: bound C W x + C b directly
+            C = C.to(m.weight.dtype)
+            W = C @ m.weight
+            c = (W @ c.unsqueeze(-1)).squeeze(-1) + (C @ m.bias if m.bias is not None else 0)
+            r = (W.abs() @ r.unsqueeze(-1)).squeeze(-1)
+            return c - r, c + r, pre, shapes
+        if isinstance(m, nn.ReLU):
             l, u = c - r, c + r
             if record:
                 pre[i] = (l, u)
             l, u = l.clamp(min=0), u.clamp(min=0)
             c, r = (u + l) / 2, (u - l) / 2
-        elif isinstance(m, Normalize):
-            c, r = (c - m.mean) / m.std, r / m.std
-        else:  # Flatten
-            c, r = c.flatten(1), r.flatten(1)
+        else:
+            c, r = _ibp_layer(m, c, r)
     if C is not None:  # the last layer is not Linear: apply C to the interval
         c, r = (C @ c.unsqueeze(-1)).squeeze(-1), (C.abs() @ r.unsqueeze(-1)).squeeze(-1)
     return c - r, c + r, pre, shapes
@@ -260,9 +266,10 @@ class _ReluStep(torch.autograd.Function):
         return g_A, None, g_d_u, g_b_u
 
 
-def _backward(layers, A, pre, shapes, upto):
+def _backward(layers, A, pre, shapes, upto, relu_step=None):
     """CROWN backward pass: a linear lower bound of A . layers[:upto](x) as A_in . x + bias.
-    A is (N, S, *output shape of layers[upto-1]); returns A_in (N, S, *input shape) and bias (N, S)."""
+    A is (N, S, *output shape of layers[upto-1]); returns A_in (N, S, *input shape) and bias (N, S).
+    relu_step(i, A) -> (A, bias), if given, replaces the adaptive relaxation of ReLU i (alpha-CROWN)."""
     N, S = A.shape[:2]
     bias = A.new_zeros(N, S)
     for i in range(upto - 1, -1, -1):
@@ -283,7 +290,7 @@ def _backward(layers, A, pre, shapes, upto):
             A = F.conv_transpose2d(A.reshape(N * S, *A.shape[2:]), m.weight, None, m.stride, m.padding,
                                    op, m.groups, m.dilation).view(N, S, cin, h, w)
         elif isinstance(m, nn.ReLU):
-            A, b = _ReluStep.apply(A, *_relax(*pre[i]))
+            A, b = relu_step(i, A) if relu_step is not None else _ReluStep.apply(A, *_relax(*pre[i]))
             bias = bias + b
         elif isinstance(m, Normalize):
             bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
@@ -308,54 +315,232 @@ def _eye_rows(start, stop, n, N, like):
     return E.expand(N, -1, -1)
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None):
-    """Replace the IBP bounds in pre by CROWN bounds, layer by layer (full CROWN). Each neuron is a row
-    of an identity specification; rows go in chunks so A stays under `budget` elements. progress, if
-    given, is called as progress(rows done, rows in all) after each chunk."""
+def _conv_rows(m, idx, in_shape):
+    """Rows idx (N, k) (flat output indices) of a Conv2d's matrix, as (N, k, *in_shape) tensors, and the
+    bias of each row. Each row is its output channel's kernel placed on its receptive field: the same as
+    a transposed convolution of one-hot rows, which would spend its time multiplying zeros."""
+    cin, H, W = in_shape
+    cout, cg, kh, kw = m.weight.shape
+    (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
+    wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    o, oh, ow = idx // (ho * wo), (idx // wo) % ho, idx % wo
+    N, k = idx.shape
+    A = m.weight.new_zeros(N, k, cin, H + 2 * ph, W + 2 * pw)
+    ar = lambda n, dev=idx.device: torch.arange(n, device=dev)  # noqa: E731
+    ci = ((o // (cout // m.groups)) * cg).unsqueeze(-1) + ar(cg)                      # (N, k, cg)
+    rows = (oh * sh).unsqueeze(-1) + ar(kh) * dh                                       # (N, k, kh)
+    cols = (ow * sw).unsqueeze(-1) + ar(kw) * dw                                       # (N, k, kw)
+    A[ar(N).view(N, 1, 1, 1, 1), ar(k).view(1, k, 1, 1, 1), ci[..., None, None], rows[:, :, None, :, None],
+      cols[:, :, None, None, :]] = m.weight[o]
+    bias = m.bias[o] if m.bias is not None else A.new_zeros(N, k)
+    return A[..., ph:ph + H, pw:pw + W], bias
+
+
+def _affine_rows(m, idx, in_shape):
+    """Rows idx (N, k) of an affine layer's matrix as (N, k, *in_shape), and their biases."""
+    if isinstance(m, nn.Linear):
+        return m.weight[idx], (m.bias[idx] if m.bias is not None else m.weight.new_zeros(idx.shape))
+    return _conv_rows(m, idx, in_shape)
+
+
+def _window(T, y0, x0, h, w):
+    """(N, R, C, h, w): for every row r of example n, T[n, :, y0:y0+h, x0:x0+w], zero outside T. One
+    gather from a zero-padded copy (advanced indexing over five dimensions was 5x slower)."""
+    N, C, H, W = T.shape
+    R = y0.shape[1]
+    P = max(0, -int(min(y0.min(), x0.min())), int(max(y0.max() + h - H, x0.max() + w - W)))
+    Wp = W + 2 * P
+    ys, xs = y0.unsqueeze(-1) + P + torch.arange(h, device=T.device), x0.unsqueeze(-1) + P + torch.arange(w, device=T.device)
+    flat = (ys.unsqueeze(-1) * Wp + xs.unsqueeze(-2)).view(N, 1, R * h * w).expand(-1, C, -1)
+    return F.pad(T, (P, P, P, P)).flatten(2).gather(2, flat).view(N, C, R, h, w).transpose(1, 2)
+
+
+def _patch_bounds(layers, i, idx, pre, shapes, xl, xu):
+    """Lower and upper CROWN bounds (N, k) of the pre-activations idx (N, k) of ReLU i, whose layer
+    i - 1 is a Conv2d with only Conv2d / ReLU / Normalize below it. A conv neuron depends on its
+    receptive field alone, so each row is kept as a patch over that field and its offset (the layout
+    auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's."""
+    conv = layers[i - 1]
+    cout, H, W = shapes[i]
+    o, oh, ow = idx // (H * W), (idx // W) % H, idx % W
+    cin, cg = shapes[i - 1][0], conv.weight.shape[1]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    N, k = idx.shape
+    A = conv.weight.new_zeros(N, k, cin, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    ar = lambda n: torch.arange(n, device=idx.device)  # noqa: E731
+    ci = ((o // (cout // conv.groups)) * cg).unsqueeze(-1) + ar(cg)
+    A[ar(N).view(N, 1, 1, 1, 1), ar(k).view(1, k, 1, 1, 1), ci[..., None, None], (ar(kh) * dh).view(1, 1, 1, kh, 1),
+      (ar(kw) * dw).view(1, 1, 1, 1, kw)] = conv.weight[o]
+    bias = conv.bias[o] if conv.bias is not None else A.new_zeros(N, k)
+    A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)       # lower rows, then upper rows
+    y0, x0 = (oh * sh - ph).repeat(1, 2), (ow * sw - pw).repeat(1, 2)   # each patch's top-left corner
+    for j in range(i - 2, -1, -1):
+        m = layers[j]
+        h, w = A.shape[-2:]
+        if isinstance(m, nn.ReLU):  # (entries over the padding of the layer above get slopes 0: no neurons)
+            d_l, d_u, b_u = _window(torch.cat(_relax(*pre[j]), 1), y0, x0, h, w).chunk(3, 2)
+            neg = A.clamp(max=0)
+            bias = bias + (neg * b_u).flatten(2).sum(-1)
+            A = A.clamp(min=0) * d_l + neg * d_u
+            continue
+        H, W = shapes[j + 1][1:]  # entries over the padding of the layer above are constant zeros, not neurons
+        ys, xs = y0.unsqueeze(-1) + torch.arange(h, device=A.device), x0.unsqueeze(-1) + torch.arange(w, device=A.device)
+        A = A * (((ys >= 0) & (ys < H)).unsqueeze(-1) & ((xs >= 0) & (xs < W)).unsqueeze(-2)).unsqueeze(2)
+        if isinstance(m, Normalize):
+            bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
+            A = A / m.std
+        else:  # Conv2d: its transpose maps a patch to the patch of its receptive field
+            if m.bias is not None:
+                bias = bias + A.sum((-2, -1)) @ m.bias
+            A = F.conv_transpose2d(A.flatten(0, 1), m.weight, None, m.stride, 0, 0, m.groups, m.dilation)
+            A = A.view(N, 2 * k, *A.shape[1:])
+            y0, x0 = y0 * m.stride[0] - m.padding[0], x0 * m.stride[1] - m.padding[1]
+    h, w = A.shape[-2:]
+    c, r = _window((xu + xl) / 2, y0, x0, h, w), _window((xu - xl) / 2, y0, x0, h, w)  # zero outside the image
+    lb = (A * c).flatten(2).sum(-1) - (A.abs() * r).flatten(2).sum(-1) + bias
+    return lb[:, :k], -lb[:, k:]
+
+
+def _patch_elements(layers, i, shapes):
+    """The largest patch (elements per row) of _patch_bounds for ReLU i, or None where patches do not
+    apply (layer i - 1 is not a Conv2d, or a Flatten / Linear lies below it)."""
+    if not (isinstance(layers[i - 1], nn.Conv2d) and
+            all(isinstance(m, (nn.Conv2d, nn.ReLU, Normalize)) for m in layers[:i - 1])):
+        return None
+    m = layers[i - 1]
+    h, w = [(k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation)]
+    size = shapes[i - 1][0] * h * w
+    for j in range(i - 2, -1, -1):
+        m = layers[j]
+        if isinstance(m, nn.Conv2d):
+            h, w = [(a - 1) * s + (k - 1) * d + 1 for a, s, k, d in zip((h, w), m.stride, m.kernel_size, m.dilation)]
+            size = max(size, shapes[j][0] * h * w)
+    return size
+
+
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, patches=True):
+    """Full CROWN: replace the IBP bounds in pre by tighter ones, layer by layer. At each ReLU the
+    bounds are first IBP from the (already tightened) ReLU before; then the neurons that these leave
+    unstable (l < 0 < u) get a CROWN backward pass each, and keep the tighter of their IBP and CROWN
+    bounds. Both savings are sound: a stable neuron's relaxation is exact whatever its bounds, and
+    the intersection of two boxes that contain the set contains it. textbook=True is plain CROWN
+    (every neuron, CROWN bounds alone), kept as a reference; patches=False makes every row span the
+    whole input (the same bounds, slower). Rows go in chunks so that A stays under `budget` elements;
+    progress(neurons done, neurons in all) is called after each chunk."""
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
     todo = [i for i in sorted(pre) if _affine_count(layers[:i]) > 1]
     total, done = sum(math.prod(shapes[i]) for i in todo), 0
-    chunk = max(1, budget // (2 * N * biggest))
-    for i in todo:
-        shape = shapes[i]
-        n = math.prod(shape)
-        lows, ups = [], []
-        for s in range(0, n, chunk):
-            E = _eye_rows(s, min(s + chunk, n), n, N, xl)
-            A = torch.cat([E, -E], 1).reshape(N, -1, *shape)
-            lb = _concretize(*_backward(layers, A, pre, shapes, i), xl, xu)
-            k = E.shape[1]
-            lows.append(lb[:, :k])
-            ups.append(-lb[:, k:])
-            done += k
-            if progress is not None:
+    c, r, start = (xu + xl) / 2, (xu - xl) / 2, 0
+    for i in sorted(pre):
+        if not textbook:  # IBP from the tightened box of the ReLU before
+            for m in layers[start:i]:
+                c, r = _ibp_layer(m, c, r)
+            pre[i] = (c - r, c + r)
+        if i in todo:
+            shape, n, affine = shapes[i], math.prod(shapes[i]), layers[i - 1]
+            patch = _patch_elements(layers, i, shapes) if patches else None
+            chunk = max(1, budget // (2 * N * (patch or biggest)))
+            l, u = (t.reshape(N, n) for t in pre[i])
+            rows = torch.ones_like(l, dtype=torch.bool) if textbook else (l < 0) & (u > 0)
+            count = rows.sum(1)
+            S = int(count.max()) if n else 0
+            order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)[:, :S]  # each example's rows first
+            new_l, new_u = l.clone(), u.clone()
+            for s in range(0, S, chunk):
+                idx = order[:, s:s + chunk]
+                k = idx.shape[1]
+                valid = torch.arange(s, s + k, device=idx.device) < count.unsqueeze(1)
+                if patch:
+                    low, up = _patch_bounds(layers, i, idx, pre, shapes, xl, xu)
+                else:
+                    if isinstance(affine, (nn.Linear, nn.Conv2d)):  # start below the affine layer: its rows
+                        A, b = _affine_rows(affine, idx, shapes[i - 1])
+                        A, b, upto = torch.cat([A, -A], 1), torch.cat([b, -b], 1), i - 1
+                    else:  # one-hot rows over the layer's neurons
+                        E = torch.zeros(N, k, n, dtype=xl.dtype, device=xl.device).scatter_(2, idx.unsqueeze(-1), 1)
+                        A, b, upto = torch.cat([E, -E], 1).reshape(N, -1, *shape), 0, i
+                    lb = _concretize(*_backward(layers, A.to(xl.dtype), pre, shapes, upto), xl, xu) + b
+                    low, up = lb[:, :k], -lb[:, k:]
+                if not textbook:
+                    low, up = torch.max(low, l.gather(1, idx)), torch.min(up, u.gather(1, idx))
+                new_l = new_l.scatter(1, idx, torch.where(valid, low, new_l.gather(1, idx)))
+                new_u = new_u.scatter(1, idx, torch.where(valid, up, new_u.gather(1, idx)))
+                if progress is not None:
+                    progress(done + n * (s + k) // S, total)
+            pre[i] = (new_l.view(N, *shape), new_u.view(N, *shape))
+            done += n
+            if progress is not None and S == 0:
                 progress(done, total)
-        pre[i] = (torch.cat(lows, 1).view(N, *shape), torch.cat(ups, 1).view(N, *shape))
+        lo, hi = (t.clamp(min=0) for t in pre[i])
+        c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
     return pre
 
 
-def bounds(model, xl, xu, C=None, method="ibp", progress=None):
+def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
+    """alpha-CROWN's last pass: the lower slope of every unstable neuron, one per specification row,
+    becomes a variable alpha in [0, 1], started at the adaptive slope and moved by Adam (projected) to
+    raise the bound. Any alpha in [0, 1] gives a sound bound, so the best per row is kept."""
+    relax = {i: _relax(*(t.detach() for t in pre[i])) for i in pre}
+    unstable = {i: (pre[i][0] < 0) & (pre[i][1] > 0) for i in pre}
+    S2 = A.shape[1]
+    alpha = {i: relax[i][0].unsqueeze(1).expand(-1, S2, *relax[i][0].shape[1:]).clone().requires_grad_(True)
+             for i in pre if bool(unstable[i].any())}
+
+    def step(i, A):
+        d_l, d_u, b_u = relax[i]
+        low = torch.where(unstable[i].unsqueeze(1), alpha[i], d_l.unsqueeze(1)) if i in alpha else d_l.unsqueeze(1)
+        neg = A.clamp(max=0)
+        return A.clamp(min=0) * low + neg * d_u.unsqueeze(1), (neg * b_u.unsqueeze(1)).flatten(2).sum(-1)
+
+    A = A.detach()
+    with torch.enable_grad():
+        best = _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu).detach()  # = CROWN
+        opt = torch.optim.Adam(list(alpha.values()), lr=lr) if alpha else None
+        for _ in range(steps if alpha else 0):
+            lb = _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu)
+            best = torch.max(best, lb.detach())
+            opt.zero_grad()
+            grads = torch.autograd.grad(-lb.sum(), list(alpha.values()))
+            for a, g in zip(alpha.values(), grads):
+                a.grad = g
+            opt.step()
+            with torch.no_grad():
+                for a in alpha.values():
+                    a.clamp_(0, 1)
+        if alpha:  # the last step's alpha too
+            with torch.no_grad():
+                best = torch.max(best, _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu))
+    return best
+
+
+def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
     """Sound (lb, ub) of C f(x) over the box [xl, xu]: (N, S) with C (N, S, classes), else (N, classes).
 
     method: "ibp" (Gowal et al. 2018), "crown-ibp" (IBP intermediate bounds, CROWN last pass; Zhang
-    et al. 2020) or "crown" (CROWN bounds at every layer; costly, for verification: call it under
-    torch.no_grad() unless you need its gradient, since autograd keeps every neuron chunk's graph;
-    progress(rows done, rows in all) is called as its intermediate neurons are bounded)."""
+    et al. 2020), "crown" (CROWN bounds for every unstable neuron; costly, for verification: call it
+    under torch.no_grad() unless you need its gradient) or "alpha-crown" (CROWN, then alpha_steps
+    projected Adam steps of rate alpha_lr on the last pass's lower ReLU slopes; never looser than
+    CROWN; no gradient). progress(neurons done, neurons in all) is called as full CROWN bounds the
+    hidden layers."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
     layers = _layers(model)
     lb, ub, pre, shapes = _ibp(layers, xl, xu, C, record=method != "ibp")
     if method == "ibp":
         return lb, ub
-    if method == "crown":
+    if method in ("crown", "alpha-crown"):
         pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress)
     if C is None:
         C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
-    lbs = _concretize(*_backward(layers, A, pre, shapes, len(layers)), xl, xu)
+    if method == "alpha-crown":
+        lbs = _alpha_crown(layers, A, pre, shapes, xl, xu, alpha_steps, alpha_lr)
+    else:
+        lbs = _concretize(*_backward(layers, A, pre, shapes, len(layers)), xl, xu)
     return lbs[:, :S], -lbs[:, S:]
 
 

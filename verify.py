@@ -1,15 +1,17 @@
 """verify.py: certify a model that train.py saved, on the test set: the numbers a paper reports.
 
     python verify.py runs/mnist-0.3-advibp/last.pt                     # clean, PGD-200, IBP and CROWN-IBP
-    python verify.py runs/cifar-8_255-advibp/last.pt --methods ibp,crown-ibp,crown --json out.json
+    python verify.py runs/cifar-8_255-advibp/last.pt --methods ibp,crown-ibp,crown,alpha-crown --json out.json
     python verify.py last.pt --eps-sweep 0.1,0.2,0.3,0.4 --n 1000      # a certified-accuracy curve
 
 Errors are fractions of the evaluated test images. An example counts as verified by "best" when any
 method verifies it: each is a sound bound, so the best of them is sound too. Bounds are computed in
-float32 or float64 (never TF32 or bf16). An example that a method certifies but PGD misclassifies
+float32 or float64 (never TF32 or bf16); a float32 certificate with a small margin is redone in float64
+and counts only if it holds there (--recheck-rel), and the report says how many were redone and refuted. An example that a method certifies but PGD misclassifies
 would be a soundness bug: it is counted, printed, and makes the exit status non-zero.
 """
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,9 +22,39 @@ import certmin
 from train import DataError, build_model, load_checkpoint, load_data, parse_eps
 
 
-def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device):
+RECHECK_REL = 1e-2  # float32 certificates with a margin below this fraction of their scale are redone in float64
+
+
+def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progress=None, alpha_steps=None):
+    """(verified (N,), rechecked, refuted): an example counts only if its margin lower bound is positive
+    in float64. In float32, every example that float32 certifies with a margin below recheck_rel times
+    its scale (1 + the largest |bound| of its rows) is bounded again in float64, and kept only if that
+    bound is positive too: float32 rounding may lift a bound above the exact one."""
+    kw = {} if alpha_steps is None else {"alpha_steps": alpha_steps}
+    with torch.no_grad():
+        lb, ub = certmin.bounds(model, xl, xu, C, method, progress=progress, **kw)
+    verified = (lb > 0).all(1)
+    if lb.dtype == torch.float64:
+        return verified, 0, 0
+    scale = 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values
+    close = verified & (lb.min(1).values <= recheck_rel * scale)
+    if not bool(close.any()):
+        return verified, 0, 0
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        lb64, _ = certmin.bounds(model64, xl[close].double(), xu[close].double(), C[close].double(), method, **kw)
+    exact = (lb64 > 0).all(1)
+    verified = verified.clone()
+    verified[close] = exact
+    return verified, int(close.sum()), int((~exact).sum())
+
+
+def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device,
+            recheck_rel=RECHECK_REL, alpha_steps=None):
     """One row of the report for one eps."""
     n = len(y)
+    rechecked = {m: 0 for m in methods}
+    refuted = {m: 0 for m in methods}
     wrong = torch.zeros(n, dtype=torch.bool)
     attacked = torch.zeros(n, dtype=torch.bool)
     verified = {m: torch.zeros(n, dtype=torch.bool) for m in methods}
@@ -50,9 +82,10 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
                     last = time.time()
                     print(f"  eps {eps:.4f}: images {i}-{min(i + batch_size, n)}, {m}: {done}/{total} "
                           f"hidden neurons bounded", file=sys.stderr, flush=True)
-            with torch.no_grad():
-                lb, _ = certmin.bounds(model, *box, C, m, progress=progress)
-            verified[m][sl] = (lb > 0).all(1).cpu()
+            ok, again, refused = certified_exactly(model, *box, C, m, recheck_rel, progress, alpha_steps)
+            verified[m][sl] = ok.cpu()
+            rechecked[m] += again
+            refuted[m] += refused
             seconds[m] += time.time() - t
         done = min(i + batch_size, n)
         print(f"  eps {eps:.4f}: {done}/{n} images, {time.time() - t_start:.0f}s", file=sys.stderr, flush=True)
@@ -63,6 +96,7 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
     return {"eps": eps, "n": n, "clean_err": wrong.float().mean().item(), "pgd_err": attacked.float().mean().item(),
             "verified_err": {m: 1 - v.float().mean().item() for m, v in verified.items()},
             "best_verified_err": 1 - best.float().mean().item(), "seconds": seconds,
+            "float64_rechecked": rechecked, "float64_refuted": refuted,
             "certified_but_attacked": len(bad), "certified_but_attacked_indices": bad[:100]}
 
 
@@ -81,7 +115,13 @@ def main(argv=None):
     ap.add_argument("checkpoint", help="a .pt file written by train.py")
     ap.add_argument("--eps", default=None, help="default: the test eps the checkpoint was trained for (e.g. 8/255)")
     ap.add_argument("--eps-sweep", default=None, help="comma-separated eps list, one row each (e.g. 0.1,0.2,0.3)")
-    ap.add_argument("--methods", default="ibp,crown-ibp", help="comma-separated, any of ibp, crown-ibp, crown")
+    ap.add_argument("--methods", default="ibp,crown-ibp",
+                    help="comma-separated, any of ibp, crown-ibp, crown, alpha-crown (slowest and tightest last)")
+    ap.add_argument("--alpha-steps", type=int, default=certmin.ALPHA_STEPS,
+                    help="alpha-CROWN's optimisation steps per batch (0: CROWN's slopes)")
+    ap.add_argument("--recheck-rel", type=float, default=RECHECK_REL,
+                    help="in float32, redo in float64 every certificate whose margin is below this fraction of its "
+                         "scale; only float64-positive bounds count")
     ap.add_argument("--pgd-steps", type=int, default=200)
     ap.add_argument("--pgd-step-size", default=None, help="default eps/40")
     ap.add_argument("--restarts", type=int, default=1)
@@ -131,10 +171,14 @@ def main(argv=None):
     rows = []
     for eps in eps_list:
         step = step_size if step_size is not None else eps / 40
-        rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device))
+        rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device,
+                            args.recheck_rel, args.alpha_steps))
     print(table(rows, methods))
     for r in rows:
         print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
+        if args.dtype == "float32":
+            print(f"float64 recheck at eps {r['eps']:.4f}: " + ", ".join(
+                f"{m} {r['float64_rechecked'][m]} rechecked, {r['float64_refuted'][m]} refuted" for m in methods))
     bad = sum(r["certified_but_attacked"] for r in rows)
     if bad:
         print(f"\n!!! SOUNDNESS BUG: {bad} example(s) certified but misclassified by PGD "
