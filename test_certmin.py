@@ -32,7 +32,21 @@ def need_shared():
         (pytest.fail if REQUIRE_SHARED else pytest.skip)(message)
 
 
-PROP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Profiles: "ci" (the default) draws new random examples each run and prints, on a failure, the
+# @reproduce_failure blob that replays it; "hard" runs every property test with thousands of examples:
+#     CERTMIN_HYPOTHESIS=hard python -m pytest -q test_certmin.py -k "sound or reference or alpha or nested"
+settings.register_profile("ci", print_blob=True)
+settings.register_profile("hard", print_blob=True, max_examples=2000)
+settings.load_profile(os.environ.get("CERTMIN_HYPOTHESIS", "ci"))
+HARD = os.environ.get("CERTMIN_HYPOTHESIS") == "hard"
+
+
+def examples(n):
+    """n examples in CI, the profile's thousands under CERTMIN_HYPOTHESIS=hard."""
+    return settings.default.max_examples if HARD else n
+
+
+PROP = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL64 = 1e-9   # relative tolerance (times 1 + the largest magnitude involved) in float64
 TOL32 = 2e-5   # the same in float32
 
@@ -148,7 +162,7 @@ def test_bounds_are_sound(case, eps, method, with_C):
     assert_contains(net, xl, xu, C, lb, ub, TOL64)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(networks(), st.floats(0, 0.3), st.sampled_from(certmin.METHODS))
 def test_bounds_are_sound_in_float32(case, eps, method):
     net, x, y, classes = case
@@ -290,7 +304,7 @@ def textbook_crown(net, xl, xu, C):
     return certmin._concretize(*certmin._backward(layers, A, pre, shapes, len(layers)), xl, xu)[:, :C.shape[1]]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(networks(), st.floats(0, 0.5), st.sampled_from(["crown-ibp", "crown", "textbook"]))
 def test_crown_ibp_and_crown_equal_the_reference(case, eps, method):
     net, x, y, classes = case
@@ -611,7 +625,7 @@ def cos(a, b):
     return (torch.dot(a, b) / (a.norm() * b.norm())).item()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.floats(-5, 5), min_size=4, max_size=4), st.lists(st.floats(-5, 5), min_size=4, max_size=4),
        st.floats(0, 1), st.floats(0, 1))
 def test_two_gradient_geometry(a, b, fosc, c_t):
@@ -628,7 +642,20 @@ def test_two_gradient_geometry(a, b, fosc, c_t):
         assert k["conflict"]
         other = g_b if fosc <= c_t else g_a  # the gradient without priority
         assert abs(torch.dot(g, other).item()) <= 1e-9 * (1 + g.norm().item() * other.norm().item())
-        assert (k["k_adv"] == 1.0) == (fosc <= c_t)
+        # the prioritised weight is 1, the other projects: -d / n^2. (Not "k_adv == 1 iff FOSC <= c_t":
+        # for g_b = -g_a the projection weight is exactly 1 too; hypothesis found that case once.)
+        d = torch.dot(g_a, g_b).item()
+        first, second, n = ("k_adv", "k_ver", g_b.norm().item()) if fosc <= c_t else ("k_ver", "k_adv", g_a.norm().item())
+        assert k[first] == 1.0 and math.isclose(k[second], -d / n ** 2, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_two_gradient_geometry_with_opposite_gradients_of_equal_norm():
+    """The case that made test_two_gradient_geometry fail once: both weights 1, the combination 0."""
+    test_two_gradient_geometry.hypothesis.inner_test([1.0, 0, 0, 0], [-1.0, 0, 0, 0], 1.0, 0.0)
+    theta, la, lb = two_losses(torch.tensor([1.0, 0, 0, 0], dtype=torch.float64),
+                               torch.tensor([-1.0, 0, 0, 0], dtype=torch.float64))
+    k = certmin.TwoGradient([theta]).step(la, lb, fosc=1.0, c_t=0.0)
+    assert (k["k_adv"], k["k_ver"], k["conflict"]) == (1.0, 1.0, True) and not theta.grad.any()
 
 
 def test_two_gradient_final_weights_ignore_the_current_step():
@@ -1106,6 +1133,18 @@ def test_verify_refuses_bad_checkpoints_and_eps(small_checkpoint, tmp_path, caps
             verify.main(verify_args(small_checkpoint, *bad))
         assert e.value.code == 2
     assert "fraction like 8/255" in capsys.readouterr().err
+
+
+def test_bench_verify_reports_time_and_error_per_method(small_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script(["bench.py", "verify", str(small_checkpoint), "--methods", "ibp,crown", "--n", "12", "--batch-size",
+                    "6", "--eps", "0.001", "--data", str(DATA), "--json", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| method | time / image | verified error |" in r.stdout and "| crown | " in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["ibp", "crown"] and all(row["n"] == 12 for row in rows)
+    assert all(row["seconds_per_image"] > 0 and 0 <= row["verified_err"] <= 1 for row in rows)
+    assert rows[1]["verified_err"] <= rows[0]["verified_err"]  # CROWN certifies what IBP does here, and more
 
 
 # ---------------------------------------------------------------------------------------------
