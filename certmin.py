@@ -634,14 +634,14 @@ def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
 
 def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
     """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
-    gradient, FOSC costs one extra input-only backward instead of a second forward; wrong (N,) marks
-    the examples that x_adv misclassifies."""
+    gradient, FOSC (a 0-dim tensor) costs one extra input-only backward instead of a second forward;
+    wrong (N,) marks the examples that x_adv misclassifies."""
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
     grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
     wrong = logits.detach().argmax(1) != y
-    return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean().item(), wrong
+    return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,66 +699,76 @@ class TwoGradient:
             raise ValueError("TwoGradient got no parameters that require gradients")
         self.mode, self.beta_grad, self.beta_norm, self.group = mode, beta_grad, beta_norm, group
         self.was_final, self.count, self.pending = False, 0, None
-        self.m_a = self.m_b = None
-        self.n_a = self.n_b = 0.0
+        self.m_a = self.m_b = self.n_a = self.n_b = None
 
     def _grads(self, loss_adv, loss_ver, fosc):
         g_a = torch.autograd.grad(loss_adv, self.params, retain_graph=True, allow_unused=True)
         g_b = torch.autograd.grad(loss_ver, self.params, allow_unused=True)
         flat = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a + g_b, self.params * 2)]
-        scalars = torch.tensor([float(loss_ver.detach()), float(fosc)], dtype=flat[0].dtype, device=flat[0].device)
+        dev, dt = flat[0].device, flat[0].dtype
+        scalars = torch.stack([loss_ver.detach().to(dt), torch.as_tensor(fosc, dtype=dt, device=dev)])
         vec = torch.cat([g.reshape(-1) for g in flat] + [scalars])
         if self.group is not None:
             import torch.distributed as dist
             dist.all_reduce(vec, group=self.group)
             vec /= dist.get_world_size(self.group)
         n = (len(vec) - 2) // 2
-        return vec[:n], vec[n:2 * n], vec[-2].item(), vec[-1].item()
+        return vec[:n], vec[n:2 * n], vec[-2], vec[-1]
+
+    # The weights stay on the gradients' device: the scalars are float64 0-dim tensors (the same IEEE
+    # arithmetic as Python floats), and both branches of every choice are computed and picked with
+    # torch.where, so a training step never waits for the GPU to answer a question.
 
     def _update(self, g_a, g_b):
         """Fold one pair of gradients into the moving averages (Adam-style bias correction on read)."""
         bg, bn = self.beta_grad, self.beta_norm
         if self.count == 0:
             self.m_a, self.m_b = torch.zeros_like(g_a), torch.zeros_like(g_b)
-            self.n_a = self.n_b = 0.0
+            self.n_a = self.n_b = g_a.new_zeros((), dtype=torch.float64)
         self.count += 1
         self.m_a, self.m_b = bg * self.m_a + (1 - bg) * g_a, bg * self.m_b + (1 - bg) * g_b
-        self.n_a = bn * self.n_a + (1 - bn) * g_a.norm().item()
-        self.n_b = bn * self.n_b + (1 - bn) * g_b.norm().item()
+        self.n_a = bn * self.n_a + (1 - bn) * g_a.norm().double()
+        self.n_b = bn * self.n_b + (1 - bn) * g_b.norm().double()
 
     def _averages(self):
         cg, cn = 1 - self.beta_grad ** self.count, 1 - self.beta_norm ** self.count
         return self.m_a / cg, self.m_b / cg, self.n_a / cn, self.n_b / cn
 
     def weights(self, m_a, m_b, n_a, n_b, fosc, c_t, final):
-        """(k_adv, k_ver, k_reg, conflict) from (averaged) gradients m and norms n."""
-        d = torch.dot(m_a, m_b).item()
+        """(k_adv, k_ver, k_reg, conflict), 0-dim tensors, from (averaged) gradients m and norms n."""
+        where, f64 = torch.where, dict(dtype=torch.float64, device=m_a.device)
+        one, zero = torch.ones((), **f64), torch.zeros((), **f64)
+        d = torch.dot(m_a, m_b).double()
+        conflict = d <= 0
         if self.mode == "sum":
-            return 1.0, 1.0, 0.0, d <= 0
+            return one, one, zero, conflict
         if self.mode == "mgda":  # closed-form min-norm point of the segment [m_b, m_a]
-            diff = (m_a - m_b).pow(2).sum().item()
-            alpha = 0.5 if diff == 0 else min(max(torch.dot(m_b - m_a, m_b).item() / diff, 0.0), 1.0)
-            return alpha, 1 - alpha, 0.0, d <= 0
-        if d > 0:  # no conflict: follow the bisector of the two normalised gradients
-            b = m_a / n_a + m_b / n_b
-            gamma = (n_a + n_b + d / n_a + d / n_b) / (2 * b.pow(2).sum().item())
-            if final:  # the authors' after-ramp scaling: same direction
-                return gamma, gamma * n_a / n_b, 0.0, False
-            return gamma / n_a, gamma / n_b, 0.0, False
-        k_reg = 0.5 if final else 0.0
-        if fosc <= c_t:  # attack converged: the adversarial gradient has priority
-            return 1.0, (-d / n_b ** 2 if n_b > 0 else 0.0), k_reg, True
-        return (-d / n_a ** 2 if n_a > 0 else 0.0), 1.0, k_reg, True
+            diff = (m_a - m_b).pow(2).sum().double()
+            alpha = where(diff == 0, 0.5, (torch.dot(m_b - m_a, m_b).double() / diff).clamp(0, 1))
+            return alpha, 1 - alpha, zero, conflict
+        # no conflict: follow the bisector of the two normalised gradients
+        b = m_a / n_a + m_b / n_b
+        gamma = (n_a + n_b + d / n_a + d / n_b) / (2 * b.pow(2).sum().double())
+        k_adv, k_ver = (gamma, gamma * n_a / n_b) if final else (gamma / n_a, gamma / n_b)  # final: the authors' scaling
+        # conflict: project the gradient without priority off the prioritised one
+        project_ver = where(n_b > 0, -d / n_b ** 2, zero)
+        project_adv = where(n_a > 0, -d / n_a ** 2, zero)
+        adv_first = torch.as_tensor(fosc, **f64) <= c_t  # attack converged: the adversarial gradient has priority
+        k_adv = where(conflict, where(adv_first, one, project_adv), k_adv)
+        k_ver = where(conflict, where(adv_first, project_ver, one), k_ver)
+        k_reg = where(conflict, 0.5 if final else 0.0, zero)
+        return k_adv, k_ver, k_reg, conflict
 
     def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False):
         """Compute both gradients, weight them, write k_adv g_adv + (k_ver + 2 k_reg L_ver) g_ver into
-        p.grad (the caller then calls optimizer.step()). Returns the weights and the conflict flag."""
+        p.grad (the caller then calls optimizer.step()). Returns the weights (0-dim tensors on the
+        gradients' device, read them when you need them), the conflict flag and both gradient norms."""
         g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc)
         if final and not self.was_final:  # restart the averages at the first step with the final eps
             self.count, self.pending = 0, None
         self.was_final = self.was_final or final
         if not final or self.mode in ("advibp-biased", "sum"):
-            m_a, m_b, n_a, n_b = g_a, g_b, g_a.norm().item(), g_b.norm().item()
+            m_a, m_b, n_a, n_b = g_a, g_b, g_a.norm().double(), g_b.norm().double()
         else:
             if self.count == 0:  # no past yet: take the current gradients
                 self._update(g_a, g_b)
@@ -768,12 +778,12 @@ class TwoGradient:
                 self.pending = (g_a, g_b)
             m_a, m_b, n_a, n_b = self._averages()
         k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
-        combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver) * g_b
+        combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
         offset = 0
         for p in self.params:
             p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": bool(conflict),
+        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": conflict,
                 "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}
 
     def state_dict(self):
@@ -785,5 +795,6 @@ class TwoGradient:
         dev = self.params[0].device
         move = lambda t: t.to(dev) if t is not None else None  # noqa: E731
         self.was_final, self.count = state["was_final"], state["count"]
-        self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), state["n_a"], state["n_b"]
+        norm = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
+        self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), norm(state["n_a"]), norm(state["n_b"])
         self.pending = tuple(map(move, state["pending"])) if state["pending"] is not None else None

@@ -668,8 +668,120 @@ def test_two_gradient_final_weights_ignore_the_current_step():
             theta, la, lb = two_losses(g_a, g_b, tg.params[0])
             tg.step(la, lb, final=True)
         theta, la, lb = two_losses(current[0].double(), current[1].double(), tg.params[0])
-        results.append(tg.step(la, lb, fosc=0.3, c_t=0.1, final=True))
+        k = tg.step(la, lb, fosc=0.3, c_t=0.1, final=True)
+        results.append([k[key].item() for key in ("k_adv", "k_ver", "k_reg", "conflict")])
     assert results[0] == results[1]
+
+
+class SyncTwoGradient(certmin.TwoGradient):
+    """The two-gradient rule as it was before it moved onto the device (issue 11): Python floats and
+    .item() everywhere, a branch per case. Kept as a frozen reference for the sync-free version."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.n_a = self.n_b = 0.0
+
+    def _grads(self, loss_adv, loss_ver, fosc):
+        g_a = torch.autograd.grad(loss_adv, self.params, retain_graph=True, allow_unused=True)
+        g_b = torch.autograd.grad(loss_ver, self.params, allow_unused=True)
+        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a + g_b, self.params * 2)]
+        scalars = torch.tensor([float(loss_ver.detach()), float(fosc)], dtype=flat[0].dtype, device=flat[0].device)
+        vec = torch.cat([g.reshape(-1) for g in flat] + [scalars])
+        if self.group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(vec, group=self.group)
+            vec /= dist.get_world_size(self.group)
+        n = (len(vec) - 2) // 2
+        return vec[:n], vec[n:2 * n], vec[-2].item(), vec[-1].item()
+
+    def _update(self, g_a, g_b):
+        '''Fold one pair of gradients into the moving averages (Adam-style bias correction on read).'''
+        bg, bn = self.beta_grad, self.beta_norm
+        if self.count == 0:
+            self.m_a, self.m_b = torch.zeros_like(g_a), torch.zeros_like(g_b)
+            self.n_a = self.n_b = 0.0
+        self.count += 1
+        self.m_a, self.m_b = bg * self.m_a + (1 - bg) * g_a, bg * self.m_b + (1 - bg) * g_b
+        self.n_a = bn * self.n_a + (1 - bn) * g_a.norm().item()
+        self.n_b = bn * self.n_b + (1 - bn) * g_b.norm().item()
+
+    def _averages(self):
+        cg, cn = 1 - self.beta_grad ** self.count, 1 - self.beta_norm ** self.count
+        return self.m_a / cg, self.m_b / cg, self.n_a / cn, self.n_b / cn
+
+    def weights(self, m_a, m_b, n_a, n_b, fosc, c_t, final):
+        '''(k_adv, k_ver, k_reg, conflict) from (averaged) gradients m and norms n.'''
+        d = torch.dot(m_a, m_b).item()
+        if self.mode == "sum":
+            return 1.0, 1.0, 0.0, d <= 0
+        if self.mode == "mgda":  # closed-form min-norm point of the segment [m_b, m_a]
+            diff = (m_a - m_b).pow(2).sum().item()
+            alpha = 0.5 if diff == 0 else min(max(torch.dot(m_b - m_a, m_b).item() / diff, 0.0), 1.0)
+            return alpha, 1 - alpha, 0.0, d <= 0
+        if d > 0:  # no conflict: follow the bisector of the two normalised gradients
+            b = m_a / n_a + m_b / n_b
+            gamma = (n_a + n_b + d / n_a + d / n_b) / (2 * b.pow(2).sum().item())
+            if final:  # the authors' after-ramp scaling: same direction
+                return gamma, gamma * n_a / n_b, 0.0, False
+            return gamma / n_a, gamma / n_b, 0.0, False
+        k_reg = 0.5 if final else 0.0
+        if fosc <= c_t:  # attack converged: the adversarial gradient has priority
+            return 1.0, (-d / n_b ** 2 if n_b > 0 else 0.0), k_reg, True
+        return (-d / n_a ** 2 if n_a > 0 else 0.0), 1.0, k_reg, True
+
+    def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False):
+        '''Compute both gradients, weight them, write k_adv g_adv + (k_ver + 2 k_reg L_ver) g_ver into
+        p.grad (the caller then calls optimizer.step()). Returns the weights and the conflict flag.'''
+        g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc)
+        if final and not self.was_final:  # restart the averages at the first step with the final eps
+            self.count, self.pending = 0, None
+        self.was_final = self.was_final or final
+        if not final or self.mode in ("advibp-biased", "sum"):
+            m_a, m_b, n_a, n_b = g_a, g_b, g_a.norm().item(), g_b.norm().item()
+        else:
+            if self.count == 0:  # no past yet: take the current gradients
+                self._update(g_a, g_b)
+            else:  # the averages hold previous steps only; the current pair waits for the next step
+                if self.pending is not None:
+                    self._update(*self.pending)
+                self.pending = (g_a, g_b)
+            m_a, m_b, n_a, n_b = self._averages()
+        k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
+        combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver) * g_b
+        offset = 0
+        for p in self.params:
+            p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": bool(conflict),
+                "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}
+
+
+@pytest.mark.parametrize("mode", certmin.MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_free_two_gradient_gives_the_same_weights_as_the_synchronous_rule(mode, dtype):
+    """A few Adam steps of each phase (eps ramp with current-batch weights, the restart at the final
+    eps, bias-corrected weights with both priorities): bit-identical weights and parameters."""
+    runs = []
+    for rule in (SyncTwoGradient, certmin.TwoGradient):
+        torch.manual_seed(11)
+        net = small_net().to(dtype)
+        x, y = torch.rand(16, 1, 3, 4, dtype=dtype), torch.randint(0, 4, (16,))
+        opt, tg = torch.optim.Adam(net.parameters(), lr=1e-2), rule(net.parameters(), mode=mode)
+        weights = []
+        for step in range(10):
+            y_adv = (y + step // 2) % 4  # labels that change every other step: gradients that conflict at times
+            x_adv = certmin.fgsm_rs(net, x, y_adv, 0.1)
+            loss_adv, fosc, _ = certmin.adv_loss_and_fosc(net, x_adv, x, y_adv, 0.1)
+            loss_ver, _ = certmin.verified_loss(net, x, y, 0.02 * step, beta=0.5)
+            opt.zero_grad()
+            k = tg.step(loss_adv, loss_ver, fosc=float(fosc) if rule is SyncTwoGradient else fosc,
+                        c_t=[1.0, 0.0][step % 2], final=step >= 4)
+            weights.append([float(k[key]) for key in ("k_adv", "k_ver", "k_reg", "conflict")])
+            opt.step()
+        runs.append((weights, [p.detach().clone() for p in net.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert len({w[3] for w in runs[0][0]}) == 2 or mode != "advibp"  # both branches were taken
 
 
 @pytest.mark.parametrize("mode", certmin.MODES)

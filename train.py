@@ -486,6 +486,7 @@ def train(args):
 
     trace = open(args.trace, "a") if args.trace and master else None
     step, status = start_step, 0
+    first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss, read once per epoch
     stats, phases, t0 = {}, {}, time.time()
     last_progress = t0
     perm_epoch, perm = None, None
@@ -506,10 +507,8 @@ def train(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, rec = step_function(cfg["method"], s["phase"])(model, x, y, s, cfg)
         two = isinstance(loss, tuple)  # AdvIBP's pair of losses, weighted by TwoGradient
-        if not all(math.isfinite(t.item()) for t in (loss[:2] if two else (loss,))):
-            figures = {key: round(float(v), 4) for key, v in rec.items()}
-            raise DataError(f"non-finite loss at epoch {epoch + 1}, step {step} ({figures}); stopping. The last good "
-                            f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
+        finite = torch.stack([t.detach().float() for t in (loss[:2] if two else (loss,))]).isfinite().all()
+        first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # on the device: no sync per step
         if two:
             loss_adv, loss_ver, fosc = loss
             rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
@@ -537,6 +536,10 @@ def train(args):
         if step % spe and step != total and not stop["now"]:
             continue
         # end of an epoch (or of an interrupted one): log, evaluate, check for a collapse, save
+        if first_bad >= 0:  # before anything is saved: last.pt keeps the end of the last good epoch
+            bad = int(first_bad)
+            raise DataError(f"non-finite loss at epoch {bad // spe + 1}, step {bad}; stopping. The last good "
+                            f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
         done = step % spe == 0 or step == total
         means = {key: sum(float(v) for v in vs) / len(vs) for key, vs in stats.items()}
         m = dict(zip(FIGURES, (v / dist.world for v in dist.sum([means.get(key, math.nan) for key in FIGURES]))))
