@@ -134,6 +134,7 @@ def margin_spec(y, classes):
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize)
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 ALPHA_STEPS, ALPHA_LR = 20, 0.1  # alpha-CROWN's defaults: projected Adam steps and their rate
+ALPHA_BUDGET = 2 ** 24  # alpha variables (examples x rows x ReLU neurons) optimised at once
 
 
 def _layers(model):
@@ -537,8 +538,12 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
         C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
-    if method == "alpha-crown":
-        lbs = _alpha_crown(layers, A, pre, shapes, xl, xu, alpha_steps, alpha_lr)
+    if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
+        per_example = A.shape[1] * sum(math.prod(shapes[i]) for i in pre)
+        n = max(1, ALPHA_BUDGET // per_example)
+        lbs = torch.cat([_alpha_crown(layers, A[j:j + n], {i: (lo[j:j + n], hi[j:j + n]) for i, (lo, hi) in pre.items()},
+                                      shapes, xl[j:j + n], xu[j:j + n], alpha_steps, alpha_lr)
+                         for j in range(0, len(A), n)])
     else:
         lbs = _concretize(*_backward(layers, A, pre, shapes, len(layers)), xl, xu)
     return lbs[:, :S], -lbs[:, S:]

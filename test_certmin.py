@@ -331,6 +331,20 @@ def test_alpha_crown_is_never_looser_than_crown_and_sound_for_any_alpha(case, ep
     assert_contains(net, xl, xu, C, alpha, alpha_ub, TOL64)
 
 
+def test_alpha_crown_in_chunks_of_examples_gives_the_same_bounds(monkeypatch):
+    """alpha-CROWN optimises examples in chunks (ALPHA_BUDGET): examples are independent, so chunking
+    changes nothing but the rounding of batched convolutions."""
+    torch.manual_seed(2)
+    net = certmin.dm_small(side=12).double()
+    x, y = torch.rand(7, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (7,))
+    C, box = certmin.margin_spec(y, 10).double(), certmin.input_box(x, 0.03)
+    whole = certmin.bounds(net, *box, C, "alpha-crown", alpha_steps=5)
+    monkeypatch.setattr(certmin, "ALPHA_BUDGET", 1)  # one example at a time
+    alone = certmin.bounds(net, *box, C, "alpha-crown", alpha_steps=5)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(whole, alone))
+    assert (whole[0] > certmin.bounds(net, *box, C, "crown")[0] + 1e-9).any()  # the optimisation did something
+
+
 def test_fused_compiled_relu_step_equals_eager(monkeypatch):
     """The torch.compile path (used on large tensors) gives the same bounds and gradients as eager."""
     torch.manual_seed(8)
