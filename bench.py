@@ -4,6 +4,7 @@
     python bench.py --batch 64 --model dm-large --steps 5
     python bench.py study --data ../shared/data   # issue 5: AdvIBP vs baselines and ablations, MNIST
     python bench.py verify runs/mnist-0.3-advibp/last.pt --data ../shared/data --peers   # issue 9: verification cost
+    python bench.py schedule runs/full/advibp runs/full/ibp   # issue 10: finished runs + verify.json -> results/
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -222,6 +223,68 @@ def study(argv):
 
 
 # ---------------------------------------------------------------------------------------------
+# The full schedule (issue 10): finished train.py runs and their verify.py reports, in one JSON and table
+# ---------------------------------------------------------------------------------------------
+
+PAPER_MNIST_03 = {"advibp": {"clean": 1.90, "pgd": 2.87, "ibp": 6.60}, "ibp": {"ibp": 8.05}, "crown-ibp": {"ibp": 7.02}}
+
+
+def schedule_report(argv):
+    ap = argparse.ArgumentParser(prog="bench.py schedule", description="Collect finished train.py runs (RUN/log.jsonl "
+                                 "with the per-epoch test curve, RUN/verify.json from verify.py, optionally "
+                                 "RUN/verify_alpha.json) into one JSON and a markdown table beside the paper's figures.")
+    ap.add_argument("runs", nargs="+", help="run folders")
+    ap.add_argument("--out", default="results/full_schedule", help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    runs, lines = [], []
+    for run_dir in args.runs:
+        for name in ("log.jsonl", "verify.json"):
+            if not os.path.exists(os.path.join(run_dir, name)):
+                ap.error(f"{run_dir} has no {name}: train with train.py --out {run_dir}, then run "
+                         f"verify.py {run_dir}/last.pt --json {run_dir}/verify.json")
+        log = _epoch_log(os.path.join(run_dir, "log.jsonl"))
+        cfg = log[-1]["config"]
+        with open(os.path.join(run_dir, "verify.json")) as f:
+            report = json.load(f)
+        extra = os.path.join(run_dir, "verify_alpha.json")
+        alpha = json.load(open(extra)) if os.path.exists(extra) else None
+        keys = ("epoch", "phase", "eps_adv", "eps_ver", "k_adv", "k_ver", "conflict", "loss_adv", "loss_ver",
+                "clean_err", "adv_err", "ver_err", "test_clean_err", "test_ibp_verified_err", "seconds")
+        runs.append({"run": run_dir, "method": cfg["method"], "weights": cfg["weights"], "model": cfg["model"],
+                     "seed": cfg["seed"], "epochs": cfg["epochs"], "epochs_done": log[-1]["epoch"],
+                     "train_seconds": sum(e["seconds"] for e in log), "config": cfg, "verify": report,
+                     "verify_alpha": alpha, "curve": [{k: e.get(k) for k in keys} for e in log]})
+    lines.append("| run | epochs | clean | PGD-200 | IBP verified | CROWN-IBP verified | CROWN verified | best verified "
+                 "| paper (DM-large): clean / PGD / verified | train time |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for r in runs:
+        row = r["verify"]["rows"][0]
+        ver = row["verified_err"]
+        paper = PAPER_MNIST_03.get(r["method"], {})
+        lines.append(f"| {r['method']} seed {r['seed']} | {r['epochs_done']}/{r['epochs']} | {pct(row['clean_err'])} | "
+                     f"{pct(row['pgd_err'])} | {pct(ver.get('ibp'))} | {pct(ver.get('crown-ibp'))} | {pct(ver.get('crown'))} "
+                     f"| {pct(row['best_verified_err'])} | {paper.get('clean', '–')} / {paper.get('pgd', '–')} / "
+                     f"{paper.get('ibp', '–')} | {r['train_seconds'] / 60:.0f} min |")
+    n = runs[0]["verify"]["rows"][0]["n"]
+    lines.append(f"\nErrors in % on {n} MNIST test images at eps {runs[0]['verify']['rows'][0]['eps']:.4f}, verify.py "
+                 "(float32, certificates confirmed in float64); the paper's figures are DM-large's (method.md section 6).")
+    for r in runs:
+        if r["verify_alpha"]:
+            a = r["verify_alpha"]["rows"][0]
+            lines.append(f"{r['method']}: on the first {a['n']} test images, " + ", ".join(
+                f"{m} {100 * e:.2f}%" for m, e in a["verified_err"].items()) + " verified error.")
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version()}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": machine, "runs": runs}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
 # Verification cost: time per image and verified error per bound method (issue 9)
 # ---------------------------------------------------------------------------------------------
 
@@ -373,6 +436,8 @@ def main():
         return study(sys.argv[2:])
     if sys.argv[1:2] == ["verify"]:
         return verify_bench(sys.argv[2:])
+    if sys.argv[1:2] == ["schedule"]:
+        return schedule_report(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)

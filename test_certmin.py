@@ -1273,6 +1273,23 @@ def test_bench_verify_reports_time_and_error_per_method(small_checkpoint, tmp_pa
     assert rows[1]["verified_err"] <= rows[0]["verified_err"]  # CROWN certifies what IBP does here, and more
 
 
+def test_bench_schedule_collects_runs_and_reports(small_checkpoint, tmp_path):
+    run = small_checkpoint.parent
+    assert verify.main(verify_args(small_checkpoint, "--methods", "ibp,crown", "--n", "20", "--json",
+                                   str(run / "verify.json"))) == 0
+    r = run_script(["bench.py", "schedule", str(run), "--out", str(tmp_path / "fs")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "fs.json").read_text())
+    (entry,) = d["runs"]
+    report = json.loads((run / "verify.json").read_text())["rows"][0]
+    assert entry["method"] == "advibp" and entry["epochs_done"] == entry["epochs"] == 2
+    assert [c["epoch"] for c in entry["curve"]] == [1, 2] and entry["verify"]["rows"][0] == report
+    table = (tmp_path / "fs.md").read_text()
+    assert f"| advibp seed 0 | 2/2 | {100 * report['clean_err']:.2f} |" in table and "1.9 / 2.87 / 6.6" in table
+    missing = run_script(["bench.py", "schedule", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert missing.returncode == 2 and "has no log.jsonl" in missing.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # The study runner (bench.py study): table, JSON, resume
 # ---------------------------------------------------------------------------------------------
