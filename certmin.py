@@ -539,7 +539,7 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
     if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
-        per_example = A.shape[1] * sum(math.prod(shapes[i]) for i in pre)
+        per_example = max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
         n = max(1, ALPHA_BUDGET // per_example)
         lbs = torch.cat([_alpha_crown(layers, A[j:j + n], {i: (lo[j:j + n], hi[j:j + n]) for i, (lo, hi) in pre.items()},
                                       shapes, xl[j:j + n], xu[j:j + n], alpha_steps, alpha_lr)
