@@ -33,10 +33,11 @@ def need_shared():
 
 
 # Profiles: "ci" (the default) draws new random examples each run and prints, on a failure, the
-# @reproduce_failure blob that replays it; "hard" runs every property test with thousands of examples:
+# @reproduce_failure blob that replays it; "hard" runs every property test with thousands of examples
+# (CERTMIN_HYPOTHESIS_EXAMPLES, default 2000):
 #     CERTMIN_HYPOTHESIS=hard python -m pytest -q test_certmin.py -k "sound or reference or alpha or nested"
 settings.register_profile("ci", print_blob=True)
-settings.register_profile("hard", print_blob=True, max_examples=2000)
+settings.register_profile("hard", print_blob=True, max_examples=int(os.environ.get("CERTMIN_HYPOTHESIS_EXAMPLES", 2000)))
 settings.load_profile(os.environ.get("CERTMIN_HYPOTHESIS", "ci"))
 HARD = os.environ.get("CERTMIN_HYPOTHESIS") == "hard"
 
