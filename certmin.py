@@ -316,35 +316,6 @@ def _eye_rows(start, stop, n, N, like):
     return E.expand(N, -1, -1)
 
 
-def _conv_rows(m, idx, in_shape):
-    """Rows idx (N, k) (flat output indices) of a Conv2d's matrix, as (N, k, *in_shape) tensors, and the
-    bias of each row. Each row is its output channel's kernel placed on its receptive field: the same as
-    a transposed convolution of one-hot rows, which would spend its time multiplying zeros."""
-    cin, H, W = in_shape
-    cout, cg, kh, kw = m.weight.shape
-    (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
-    wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    o, oh, ow = idx // (ho * wo), (idx // wo) % ho, idx % wo
-    N, k = idx.shape
-    A = m.weight.new_zeros(N, k, cin, H + 2 * ph, W + 2 * pw)
-    ar = lambda n, dev=idx.device: torch.arange(n, device=dev)  # noqa: E731
-    ci = ((o // (cout // m.groups)) * cg).unsqueeze(-1) + ar(cg)                      # (N, k, cg)
-    rows = (oh * sh).unsqueeze(-1) + ar(kh) * dh                                       # (N, k, kh)
-    cols = (ow * sw).unsqueeze(-1) + ar(kw) * dw                                       # (N, k, kw)
-    A[ar(N).view(N, 1, 1, 1, 1), ar(k).view(1, k, 1, 1, 1), ci[..., None, None], rows[:, :, None, :, None],
-      cols[:, :, None, None, :]] = m.weight[o]
-    bias = m.bias[o] if m.bias is not None else A.new_zeros(N, k)
-    return A[..., ph:ph + H, pw:pw + W], bias
-
-
-def _affine_rows(m, idx, in_shape):
-    """Rows idx (N, k) of an affine layer's matrix as (N, k, *in_shape), and their biases."""
-    if isinstance(m, nn.Linear):
-        return m.weight[idx], (m.bias[idx] if m.bias is not None else m.weight.new_zeros(idx.shape))
-    return _conv_rows(m, idx, in_shape)
-
-
 def _window(T, y0, x0, h, w):
     """(N, R, C, h, w): for every row r of example n, T[n, :, y0:y0+h, x0:x0+w], zero outside T. One
     gather from a zero-padded copy (advanced indexing over five dimensions was 5x slower)."""
@@ -420,15 +391,14 @@ def _patch_elements(layers, i, shapes):
     return size
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, patches=True):
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False):
     """Full CROWN: replace the IBP bounds in pre by tighter ones, layer by layer. At each ReLU the
     bounds are first IBP from the (already tightened) ReLU before; then the neurons that these leave
     unstable (l < 0 < u) get a CROWN backward pass each, and keep the tighter of their IBP and CROWN
     bounds. Both savings are sound: a stable neuron's relaxation is exact whatever its bounds, and
     the intersection of two boxes that contain the set contains it. textbook=True is plain CROWN
-    (every neuron, CROWN bounds alone), kept as a reference; patches=False makes every row span the
-    whole input (the same bounds, slower). Rows go in chunks so that A stays under `budget` elements;
-    progress(neurons done, neurons in all) is called after each chunk."""
+    (every neuron, CROWN bounds alone), kept as a reference. Rows go in chunks so that A stays under
+    `budget` elements; progress(neurons done, neurons in all) is called after each chunk."""
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
@@ -442,7 +412,7 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
             pre[i] = (c - r, c + r)
         if i in todo:
             shape, n, affine = shapes[i], math.prod(shapes[i]), layers[i - 1]
-            patch = _patch_elements(layers, i, shapes) if patches else None
+            patch = _patch_elements(layers, i, shapes)
             chunk = max(1, budget // (2 * N * (patch or biggest)))
             l, u = (t.reshape(N, n) for t in pre[i])
             rows = torch.ones_like(l, dtype=torch.bool) if textbook else (l < 0) & (u > 0)
@@ -457,8 +427,9 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
                 if patch:
                     low, up = _patch_bounds(layers, i, idx, pre, shapes, xl, xu)
                 else:
-                    if isinstance(affine, (nn.Linear, nn.Conv2d)):  # start below the affine layer: its rows
-                        A, b = _affine_rows(affine, idx, shapes[i - 1])
+                    if isinstance(affine, nn.Linear):  # start below the Linear layer: its rows
+                        A = affine.weight[idx]
+                        b = affine.bias[idx] if affine.bias is not None else A.new_zeros(idx.shape)
                         A, b, upto = torch.cat([A, -A], 1), torch.cat([b, -b], 1), i - 1
                     else:  # one-hot rows over the layer's neurons
                         E = torch.zeros(N, k, n, dtype=xl.dtype, device=xl.device).scatter_(2, idx.unsqueeze(-1), 1)
@@ -503,7 +474,6 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
         for _ in range(steps if alpha else 0):
             lb = _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu)
             best = torch.max(best, lb.detach())
-            opt.zero_grad()
             grads = torch.autograd.grad(-lb.sum(), list(alpha.values()))
             for a, g in zip(alpha.values(), grads):
                 a.grad = g
