@@ -16,10 +16,14 @@ import math
 import os
 import platform
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -430,6 +434,251 @@ def verify_bench(argv):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
 
+# ---------------------------------------------------------------------------------------------
+# The training step exactly as train.py takes it (issue 11), one variant per subprocess, and the
+# CUDA-graph check: graphs must give the eager step's weights
+# ---------------------------------------------------------------------------------------------
+
+STEP_VARIANTS = "fp32,tf32,bf16,tf32+graphs,bf16+graphs"
+STEP_TARGET_MS = 8.0  # issue 11: the joint-phase step, MNIST DM-large, batch 256, one H100
+PHASE_EPOCH = {"natural": 5, "adv-warmup": 30, "joint": 75, "joint-final": 160}  # in the MNIST preset
+
+
+def _step_setup(args, variant, seed=0, capture=None):
+    import train
+    precision, _, graphs = variant.partition("+")
+    dev = torch.device(args.device)
+    ns = argparse.Namespace(dataset=args.dataset, eps=train.parse_eps(args.eps), epochs=None, model=args.model,
+                            method="advibp", weights="advibp", batch_size=args.batch, lr=5e-4, seed=seed,
+                            val_split=0, train_n=0, precision=precision, pgd_steps=10)
+    cfg = train.resolve(ns)
+    if dev.type == "cuda":
+        train.set_precision(precision)
+    torch.manual_seed(seed)
+    model = train.build_model(cfg).to(dev)
+    opt = train.make_optimizer(model, cfg, dev, graphs == "graphs")
+    tg = certmin.TwoGradient(model.parameters())
+    run_step, tally = train.build_step(model, opt, tg, cfg, dev, train.Dist(dev), graphs == "graphs", capture=capture)
+    c, side, _ = cfg["shape"]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(args.batch, c, side, side, generator=g).to(dev)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(dev)
+    return train, cfg, model, run_step, tally, x, y
+
+
+def _sync(dev):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_one(args):
+    """Time one variant's step in this process: steps per window, median of windows (a window ends
+    with one synchronize, so the host's lead over the GPU counts as it does in training)."""
+    train, cfg, model, run_step, tally, x, y = _step_setup(args, args.variant)
+    s = train.schedule(cfg, PHASE_EPOCH[args.phase])
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        run_step(x, y, s)
+    _sync(args.device)
+    windows = []
+    for _ in range(args.windows):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            run_step(x, y, s)
+        _sync(args.device)
+        windows.append((time.perf_counter() - t) / args.steps)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(args.device).type == "cuda" else rss_gib()
+    captured = [phase for phase, _ in getattr(run_step, "captured", [])]
+    print(json.dumps({"variant": args.variant, "phase": args.phase, "ms": 1e3 * statistics.median(windows),
+                      "windows_ms": [round(1e3 * w, 3) for w in windows], "peak_gib": peak, "captured": captured,
+                      "loss_ver_mean": tally.means()["loss_ver"]}))
+
+
+def _step_check(args):
+    """The same 30 steps (12 in the verified-eps ramp, 18 at the final eps across c_t's decay and the
+    learning-rate drop) eagerly twice and under CUDA graphs once, from the same seed and batch: how far
+    apart the weights end. Eager vs eager is the floor that the GPU's own nondeterminism sets. The eager
+    runs take the graphs' own path (schedule as tensors, capturable Adam) with capture off, so that
+    capturing is the only difference."""
+    epochs = [60 + 0.05 * k for k in range(12)] + [140 + k for k in range(18)]
+    finals, figures = {}, {}
+    for name, capture in (("eager", False), ("eager_again", False), ("graphs", None)):
+        train, cfg, model, run_step, tally, x, y = _step_setup(args, args.variant + "+graphs", capture=capture)
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.manual_seed(0)
+        for e in epochs:
+            run_step(x, y, train.schedule(cfg, e))
+        _sync(args.device)
+        finals[name] = [p.detach().clone() for p in model.parameters()]
+        figures[name] = tally.means()
+    rel = lambda a, b: max(float((u - v).abs().max() / u.abs().max().clamp(min=1e-30)) for u, v in zip(a, b))  # noqa: E731
+    floor, graphs = rel(finals["eager"], finals["eager_again"]), rel(finals["eager"], finals["graphs"])
+    out = {"variant": args.variant, "steps": len(epochs), "rel_diff_eager_vs_eager": floor,
+           "rel_diff_graphs_vs_eager": graphs, "figures": figures,
+           "pass": graphs <= max(10 * floor, 1e-5)}
+    print(json.dumps(out))
+
+
+def train_step_bench(argv):
+    ap = argparse.ArgumentParser(prog="bench.py train-step", description="train.py's own step, timed per variant "
+                                 "(precision[+graphs]) in its own process; --check compares CUDA graphs with eager")
+    ap.add_argument("--dataset", default="mnist", choices=["mnist", "cifar"])
+    ap.add_argument("--eps", default="0.3")
+    ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--phase", default="joint", choices=sorted(PHASE_EPOCH))
+    ap.add_argument("--variants", default=STEP_VARIANTS, help="comma-separated PRECISION[+graphs]; graphs need CUDA")
+    ap.add_argument("--steps", type=int, default=50, help="steps per timing window")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (graphs are captured after 3)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--check", action="store_true", help="also run the graphs-vs-eager check (tf32)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per variant before it is given up")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--check-one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        args.variant = args.one
+        return _step_one(args)
+    if args.check_one:
+        args.variant = args.check_one
+        return _step_check(args)
+    common = [f"--{k}={getattr(args, k)}" for k in ("dataset", "eps", "model", "batch", "phase", "steps", "windows",
+                                                     "warmup", "device")]
+    jobs = [("--one", v) for v in args.variants.split(",") if v] + ([("--check-one", "tf32")] if args.check else [])
+    rows, check = [], None
+    for flag, variant in jobs:
+        cmd = [sys.executable, __file__, "train-step", *common, f"{flag}={variant}"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+            result = json.loads(line) if line else {"variant": variant, "error": done.stderr.strip()[-2000:]}
+        except subprocess.TimeoutExpired:
+            result = {"variant": variant, "error": f"gave up after {args.timeout:.0f} s"}
+        if flag == "--check-one":
+            check = result
+        else:
+            rows.append(result)
+        print(f"  {flag[2:]} {variant}: " + (f"{result['ms']:.2f} ms" if "ms" in result else
+                                              json.dumps({k: v for k, v in result.items() if k != "figures"})[:3000]),
+              file=sys.stderr, flush=True)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+    print(f"\n{args.model}, {args.dataset}, batch {args.batch}, phase {args.phase}, {dev}, torch {torch.__version__}\n")
+    print("| variant | ms / step | peak memory | graphs captured |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if "ms" in r:
+            mark = " (target met)" if r["ms"] <= STEP_TARGET_MS and args.phase == "joint" else ""
+            print(f"| {r['variant']} | {r['ms']:.2f}{mark} | {r['peak_gib']:.2f} GiB | {', '.join(r['captured']) or '-'} |")
+        else:
+            print(f"| {r['variant']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'} | | |")
+    if check:
+        print(f"\nCUDA graphs vs eager ({check.get('steps')} steps): " + (
+            f"max relative weight difference {check['rel_diff_graphs_vs_eager']:.2e}, eager vs eager "
+            f"{check['rel_diff_eager_vs_eager']:.2e}: {'PASS' if check['pass'] else 'FAIL'}" if "pass" in check
+            else f"failed: {check.get('error', '')[-500:]}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
+                       "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
+                       "check": check}, f, indent=1)
+    return 0 if all("ms" in r for r in rows) and (check is None or check.get("pass")) else 1
+
+# ---------------------------------------------------------------------------------------------
+# The preset, trained and verified in one command (issue 11): logs, JSON and a table in one folder
+# ---------------------------------------------------------------------------------------------
+
+PAPER = {("mnist", 0.3): {"clean_err": 1.90, "pgd_err": 2.87, "verified_err": 6.60}}  # method.md section 6, %
+
+
+def _run_logged(cmd, log, timeout=None):
+    """Run cmd, its output to the log file and to ours; after timeout seconds send it SIGINT (train.py
+    then finishes its step, saves and stops). Returns (exit status, seconds)."""
+    t = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        timer = threading.Timer(timeout, proc.send_signal, [signal.SIGINT]) if timeout else None
+        if timer:
+            timer.start()
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        status = proc.wait()
+        if timer:
+            timer.cancel()
+    return status, time.time() - t
+
+
+def preset(argv):
+    ap = argparse.ArgumentParser(prog="bench.py preset", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Train a preset with train.py, certify it with verify.py, and write "
+                                 "OUT/train.log, OUT/train_log.jsonl, OUT/verify.log, OUT/verify.json, OUT/preset.json "
+                                 "and OUT/preset.md (the figures next to the paper's).",
+                                 epilog="example: python bench.py preset --out results/preset -- --cuda-graphs\n"
+                                        "arguments after -- go to train.py")
+    ap.add_argument("--out", required=True, help="folder for the logs, JSON and table")
+    ap.add_argument("--run-dir", default=None, help="train.py's --out (checkpoints; default OUT/run)")
+    ap.add_argument("--dataset", default="mnist", choices=["mnist", "cifar"])
+    ap.add_argument("--eps", default="0.3")
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--train-timeout", type=float, default=None,
+                    help="seconds; then train.py is interrupted (it saves) and what it saved is verified")
+    ap.add_argument("--verify-args", default="", help="extra verify.py arguments, e.g. '--n 1000 --pgd-steps 20'")
+    ap.add_argument("train_args", nargs="*", help="after --: extra train.py arguments")
+    args = ap.parse_args(argv)
+    import shlex
+    import train as train_mod
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Path(args.run_dir) if args.run_dir else out / "run"
+    here = Path(__file__).resolve().parent
+    train_cmd = [sys.executable, str(here / "train.py"), "--dataset", args.dataset, "--eps", args.eps, "--out", str(run),
+                 "--data", args.data, "--no-download", "--device", args.device, *args.train_args]
+    verify_cmd = [sys.executable, str(here / "verify.py"), str(run / "last.pt"), "--data", args.data, "--no-download",
+                  "--device", args.device, "--json", str(out / "verify.json"), *shlex.split(args.verify_args)]
+    t0 = time.time()
+    train_status, train_s = _run_logged(train_cmd, out / "train.log", args.train_timeout)
+    if (run / "log.jsonl").exists():
+        shutil.copy(run / "log.jsonl", out / "train_log.jsonl")
+    verify_status, verify_s = _run_logged(verify_cmd, out / "verify.log") if (run / "last.pt").exists() else (None, 0.0)
+    epochs = [json.loads(line) for line in open(run / "log.jsonl")] if (run / "log.jsonl").exists() else []
+    report = {"train_command": shlex.join(train_cmd), "verify_command": shlex.join(verify_cmd),
+              "train_status": train_status, "verify_status": verify_status, "train_seconds": train_s,
+              "verify_seconds": verify_s, "total_seconds": time.time() - t0,
+              "epochs_done": epochs[-1]["epoch"] if epochs else 0, "epochs": epochs[-1]["config"]["epochs"] if epochs else None,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else
+              (platform.processor() or "cpu"), "torch": torch.__version__}
+    paper = PAPER.get((args.dataset, train_mod.parse_eps(args.eps)))
+    if (out / "verify.json").exists():
+        row = json.load(open(out / "verify.json"))["rows"][0]
+        report["measured"] = {"clean_err": 100 * row["clean_err"], "pgd_err": 100 * row["pgd_err"],
+                              **{f"{m}_verified_err": 100 * v for m, v in row["verified_err"].items()},
+                              "best_verified_err": 100 * row["best_verified_err"], "n": row["n"]}
+        report["paper"] = paper
+    with open(out / "preset.json", "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"{args.dataset} eps {args.eps}: {report['epochs_done']} of {report['epochs']} epochs, "
+             f"train {train_s:.0f} s + verify {verify_s:.0f} s = {report['total_seconds']:.0f} s on {report['device']}, "
+             f"torch {report['torch']}", "", f"    {report['train_command']}", f"    {report['verify_command']}", ""]
+    if "measured" in report:
+        m = report["measured"]
+        lines += ["| errors (%) | clean | PGD | IBP verified | CROWN-IBP verified | best verified |", "|---|---|---|---|---|---|"]
+        cell = lambda key: f"{m[key]:.2f}" if key in m else "-"  # noqa: E731
+        lines.append(f"| certmin ({m['n']} test images) | {cell('clean_err')} | {cell('pgd_err')} | "
+                     f"{cell('ibp_verified_err')} | {cell('crown-ibp_verified_err')} | {cell('best_verified_err')} |")
+        if paper:
+            lines.append(f"| paper (Fan & Li 2021) | {paper['clean_err']:.2f} | {paper['pgd_err']:.2f} | "
+                         f"{paper['verified_err']:.2f} | | |")
+    (out / "preset.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if train_status == 0 and verify_status == 0 else 1
+
 
 def main():
     if sys.argv[1:2] == ["study"]:
@@ -438,6 +687,10 @@ def main():
         return verify_bench(sys.argv[2:])
     if sys.argv[1:2] == ["schedule"]:
         return schedule_report(sys.argv[2:])
+    if sys.argv[1:2] == ["train-step"]:
+        return train_step_bench(sys.argv[2:])
+    if sys.argv[1:2] == ["preset"]:
+        return preset(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)
@@ -468,4 +721,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -105,8 +105,9 @@ def dm_large(in_ch=1, side=28, classes=10, mean=None, std=None):
 
 
 def input_box(x, eps, lo=0.0, hi=1.0):
-    """The l-inf ball of radius eps around x, clipped to the valid range: (xl, xu)."""
-    if not eps >= 0:  # also catches NaN
+    """The l-inf ball of radius eps around x, clipped to the valid range: (xl, xu). eps may be a 0-dim
+    tensor (a CUDA graph's schedule value); checking that one is the caller's job."""
+    if not torch.is_tensor(eps) and not eps >= 0:  # also catches NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
     return (x - eps).clamp(min=lo), (x + eps).clamp(max=hi)
 
@@ -117,9 +118,10 @@ def _others(y, classes):
     return j + (j >= y.unsqueeze(1)).long()
 
 
-def margin_spec(y, classes):
-    """C (N, classes-1, classes) with rows e_y - e_j for j != y, j increasing: C z = margins."""
-    if y.dim() != 1 or not bool(((y >= 0) & (y < classes)).all()):
+def margin_spec(y, classes, check=True):
+    """C (N, classes-1, classes) with rows e_y - e_j for j != y, j increasing: C z = margins.
+    check=False skips the label range check, which waits for the GPU (labels checked once by the caller)."""
+    if y.dim() != 1 or (check and not bool(((y >= 0) & (y < classes)).all())):
         raise ValueError(f"margin_spec needs 1-D labels in [0, {classes}), got shape {tuple(y.shape)}")
     eye = torch.eye(classes, device=y.device)
     return eye[y].unsqueeze(1) - eye[_others(y, classes)]
@@ -171,10 +173,11 @@ def _ibp_layer(m, c, r):
     return c.flatten(1), r.flatten(1)  # Flatten
 
 
-def _ibp(layers, xl, xu, C=None, record=False):
+def _ibp(layers, xl, xu, C=None, record=False, check=True):
     """Interval bounds. Returns (lb, ub, pre, shapes): pre[i] = (l, u) at the input of ReLU i (when
-    record), shapes[i] = the input shape of layer i. With C the last Linear layer is elided."""
-    if not bool((xl <= xu).all()):
+    record), shapes[i] = the input shape of layer i. With C the last Linear layer is elided.
+    check=False skips the non-empty box check (for boxes from input_box, non-empty by construction)."""
+    if check and not bool((xl <= xu).all()):
         raise ValueError("the input box is empty somewhere (xl > xu); build it with certmin.input_box")
     c, r = (xu + xl) / 2, (xu - xl) / 2
     pre, shapes, last = {}, [], len(layers) - 1
@@ -519,11 +522,11 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     return lbs[:, :S], -lbs[:, S:]
 
 
-def margin_lower(model, xl, xu, C, beta=0.0):
+def margin_lower(model, xl, xu, C, beta=0.0, check=True):
     """beta * (CROWN-IBP lower bound) + (1 - beta) * (IBP lower bound) of C f over the box: the mixture
     of CROWN-IBP training. One IBP pass serves both; beta = 0 skips the backward pass."""
     layers = _layers(model)
-    lb, _, pre, shapes = _ibp(layers, xl, xu, C, record=beta != 0)
+    lb, _, pre, shapes = _ibp(layers, xl, xu, C, record=beta != 0, check=check)
     if beta == 0:
         return lb
     lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), pre, shapes, len(layers)), xl, xu)
@@ -535,16 +538,18 @@ def margin_lower(model, xl, xu, C, beta=0.0):
 # ----------------------------------------------------------------------------------------------
 
 
-def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0):
+def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0, check=True):
     """(loss, verified): batch-mean CE(-m_lb, y), where m_lb is a lower bound of the margins
     z_y - z_j over the eps-box (beta * CROWN-IBP + (1 - beta) * IBP) and m_lb_y = 0;
-    verified (N,) is True where every m_lb_j > 0."""
+    verified (N,) is True where every m_lb_j > 0. check=False skips the two checks that make the
+    host wait for the GPU (labels in range, box non-empty): for a training loop whose labels were
+    checked once and whose x lies in [lo, hi]."""
     xl, xu = input_box(x, eps, lo, hi)
     last = _layers(model)[-1]
     if not isinstance(last, nn.Linear):
         raise TypeError("verified_loss needs a model whose last layer is nn.Linear (the logits)")
     classes = last.out_features
-    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes).to(x.dtype), beta)
+    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes, check).to(x.dtype), beta, check)
     logits = torch.zeros(len(y), classes, dtype=m_lb.dtype, device=m_lb.device)
     logits = logits.scatter(1, _others(y, classes), -m_lb)
     return F.cross_entropy(logits, y), (m_lb > 0).all(1)
@@ -673,8 +678,9 @@ class TwoGradient:
         if not self.params:
             raise ValueError("TwoGradient got no parameters that require gradients")
         self.mode, self.beta_grad, self.beta_norm, self.group = mode, beta_grad, beta_norm, group
-        self.was_final, self.count, self.pending = False, 0, None
-        self.m_a = self.m_b = self.n_a = self.n_b = None
+        self.was_final, self.pending = False, None
+        self.count = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # pairs averaged
+        self.m_a = self.m_b = self.n_a = self.n_b = None  # None: no past yet
 
     def _grads(self, loss_adv, loss_ver, fosc):
         g_a = torch.autograd.grad(loss_adv, self.params, retain_graph=True, allow_unused=True)
@@ -692,18 +698,21 @@ class TwoGradient:
 
     # The weights stay on the gradients' device: the scalars are float64 0-dim tensors (the same IEEE
     # arithmetic as Python floats), and both branches of every choice are computed and picked with
-    # torch.where, so a training step never waits for the GPU to answer a question.
+    # torch.where, so a training step never waits for the GPU to answer a question. The state (count,
+    # averages, the pending pair) is updated in place, so a CUDA graph of the step can replay it.
 
     def _update(self, g_a, g_b):
         """Fold one pair of gradients into the moving averages (Adam-style bias correction on read)."""
         bg, bn = self.beta_grad, self.beta_norm
-        if self.count == 0:
+        if self.m_a is None:
             self.m_a, self.m_b = torch.zeros_like(g_a), torch.zeros_like(g_b)
-            self.n_a = self.n_b = g_a.new_zeros((), dtype=torch.float64)
+            self.n_a, self.n_b = g_a.new_zeros((), dtype=torch.float64), g_a.new_zeros((), dtype=torch.float64)
+            self.count.zero_()
         self.count += 1
-        self.m_a, self.m_b = bg * self.m_a + (1 - bg) * g_a, bg * self.m_b + (1 - bg) * g_b
-        self.n_a = bn * self.n_a + (1 - bn) * g_a.norm().double()
-        self.n_b = bn * self.n_b + (1 - bn) * g_b.norm().double()
+        self.m_a.copy_(bg * self.m_a + (1 - bg) * g_a)
+        self.m_b.copy_(bg * self.m_b + (1 - bg) * g_b)
+        self.n_a.copy_(bn * self.n_a + (1 - bn) * g_a.norm().double())
+        self.n_b.copy_(bn * self.n_b + (1 - bn) * g_b.norm().double())
 
     def _averages(self):
         cg, cn = 1 - self.beta_grad ** self.count, 1 - self.beta_norm ** self.count
@@ -740,17 +749,20 @@ class TwoGradient:
         gradients' device, read them when you need them), the conflict flag and both gradient norms."""
         g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc)
         if final and not self.was_final:  # restart the averages at the first step with the final eps
-            self.count, self.pending = 0, None
+            self.m_a, self.pending = None, None
         self.was_final = self.was_final or final
         if not final or self.mode in ("advibp-biased", "sum"):
             m_a, m_b, n_a, n_b = g_a, g_b, g_a.norm().double(), g_b.norm().double()
         else:
-            if self.count == 0:  # no past yet: take the current gradients
+            if self.m_a is None:  # no past yet: take the current gradients
                 self._update(g_a, g_b)
             else:  # the averages hold previous steps only; the current pair waits for the next step
-                if self.pending is not None:
+                if self.pending is None:
+                    self.pending = (g_a.clone(), g_b.clone())
+                else:
                     self._update(*self.pending)
-                self.pending = (g_a, g_b)
+                    self.pending[0].copy_(g_a)
+                    self.pending[1].copy_(g_b)
             m_a, m_b, n_a, n_b = self._averages()
         k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
         combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
@@ -762,14 +774,15 @@ class TwoGradient:
                 "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}
 
     def state_dict(self):
-        return {"mode": self.mode, "was_final": self.was_final, "count": self.count, "m_a": self.m_a,
+        return {"mode": self.mode, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
                 "m_b": self.m_b, "n_a": self.n_a, "n_b": self.n_b,
                 "pending": list(self.pending) if self.pending is not None else None}
 
     def load_state_dict(self, state):
         dev = self.params[0].device
-        move = lambda t: t.to(dev) if t is not None else None  # noqa: E731
-        self.was_final, self.count = state["was_final"], state["count"]
-        norm = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
+        move = lambda t: t.to(dev, copy=True) if t is not None else None  # noqa: E731; copies: the state is updated in place
+        self.was_final = state["was_final"]
+        self.count.fill_(state["count"] if state["m_a"] is not None else 0)
+        norm = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64, device=dev).clone()  # noqa: E731
         self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), norm(state["n_a"]), norm(state["n_b"])
         self.pending = tuple(map(move, state["pending"])) if state["pending"] is not None else None

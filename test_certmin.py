@@ -1032,6 +1032,48 @@ def test_training_passes_every_phase_and_resumes_exactly(tmp_path):
     assert not list(tmp_path.glob("*/*.tmp"))
 
 
+def test_the_cuda_graph_path_gives_the_same_weights_on_the_cpu(tmp_path, monkeypatch):
+    """--cuda-graphs takes the schedule's changing values as device tensors and updates every state in
+    place. On the CPU (every step eager, DRY_RUN) that path must give exactly the plain path's weights,
+    and it must pick the phases to capture: joint, joint-final, never the eps_adv ramp."""
+    args = SMALL + ["--epochs", "8", "--save-every", "4"]
+    assert in_process(args + ["--out", str(tmp_path / "plain")]) == 0
+    made, real = [], train.GraphedStep
+    monkeypatch.setattr(real, "DRY_RUN", True)
+    monkeypatch.setattr(train, "GraphedStep", type("Spy", (real,), {
+        "__init__": lambda self, *a, **k: (made.append(self), real.__init__(self, *a, **k))[1]}))
+    assert in_process(args + ["--out", str(tmp_path / "graphs"), "--cuda-graphs"]) == 0
+    plain, graphs = (train.load_checkpoint(tmp_path / d / "last.pt") for d in ("plain", "graphs"))
+    assert plain["step"] == graphs["step"] == 8 * 6
+    for k, v in plain["model"].items():
+        assert torch.equal(v, graphs["model"][k]), k
+    assert plain["two_gradient"]["count"] == graphs["two_gradient"]["count"] > 0
+    assert torch.equal(plain["two_gradient"]["m_a"], graphs["two_gradient"]["m_a"])
+    # natural lasts 2 steps here (fewer than WARMUP); the eps_adv ramp changes its selection every step
+    assert [phase for phase, _ in made[0].captured] == ["joint", "joint-final"]
+    log = [json.loads(line) for line in open(tmp_path / "graphs" / "log.jsonl")]
+    assert [json.loads(line)["loss_ver"] for line in open(tmp_path / "plain" / "log.jsonl")] == [r["loss_ver"] for r in log]
+
+
+def test_cuda_graphs_without_a_gpu_fail_clearly(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert in_process(SMALL + ["--out", str(tmp_path), "--cuda-graphs", "--device", "cpu"]) == 1
+    assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
+
+
+def test_save_every_keeps_fewer_checkpoints_and_resume_still_matches(tmp_path):
+    args = SMALL + ["--epochs", "4"]
+    assert in_process(args + ["--out", str(tmp_path / "a")]) == 0
+    assert in_process(args + ["--out", str(tmp_path / "b"), "--save-every", "3", "--stop-after", "2"]) == 0
+    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 2  # --stop-after saves regardless
+    assert in_process(args + ["--out", str(tmp_path / "b"), "--save-every", "3", "--resume"]) == 0
+    a, b = (train.load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert a["epoch"] == b["epoch"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def test_ctrl_c_saves_mid_epoch_and_resume_finishes(tmp_path):
     need_shared()
     args = [*SMALL, "--train-n", "8192", "--out", str(tmp_path / "i"), "--progress", "0.2"]  # 128 steps/epoch

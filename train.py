@@ -72,7 +72,7 @@ def resolve(args):
     p.update(epochs=args.epochs or p["epochs"], eps=args.eps, eps_train=eps_train, c_max=c_max,
              dataset=args.dataset, model=args.model, method=args.method, weights=args.weights,
              batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=args.val_split,
-             train_n=args.train_n, amp=args.amp, pgd_steps=args.pgd_steps)
+             train_n=args.train_n, precision=args.precision, pgd_steps=args.pgd_steps)
     p["shape"] = list(p["shape"])
     return p
 
@@ -275,6 +275,10 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------------
 
 
+# The labels were checked once (setup_data) and every x lies in [0, 1], so the steps skip verified_loss's
+# input checks (check=False): each would make the host wait for the GPU once per step.
+
+
 def natural_step(model, x, y, s, cfg):
     """Cross-entropy on clean inputs."""
     logits = model(x)
@@ -291,7 +295,7 @@ def pgd_step(model, x, y, s, cfg):
 
 def bound_step(model, x, y, s, cfg):
     """IBP (Gowal et al.) or CROWN-IBP (Zhang et al.): kappa * clean CE + (1 - kappa) * verified loss."""
-    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"], check=False)
     loss = s["kappa"] * F.cross_entropy(model(x), y) + (1 - s["kappa"]) * loss_ver
     return loss, {"loss_ver": loss_ver.detach(), "ver_wrong": (~verified).float().mean()}
 
@@ -304,7 +308,7 @@ def advibp_step(model, x, y, s, cfg):
     figures = {"loss_adv": loss_adv.detach(), "adv_wrong": wrong.float().mean()}
     if s["phase"] == "adv-warmup":
         return loss_adv, figures
-    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"])
+    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"], check=False)
     figures.update(loss_ver=loss_ver.detach(), ver_wrong=(~verified).float().mean())
     return (loss_adv, loss_ver, fosc), figures
 
@@ -332,6 +336,170 @@ def collapse_reason(err, history, classes):
     if history and err - history[-1] >= COLLAPSE_JUMP:
         return f"train clean error rose from {history[-1]:.3f} to {err:.3f} in one epoch"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast CUDA step: figures summed on the device, the precision of the training losses, and
+# CUDA graphs. At batch 256 a step launches ~600 small kernels from Python; the GPU is quicker than
+# the host that feeds it, so the step must never wait for the GPU and should not launch one by one.
+# ---------------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def set_precision(precision):
+    """TF32 matmuls and convolutions for the training losses (tf32, bf16), or exact float32 (fp32).
+    Certificates never use this: evaluate() and verify.py run in full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+class full_precision:
+    """Inside: TF32 off (IBP bounds for the test figures); outside: as before."""
+
+    def __enter__(self):
+        self.was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        set_precision("fp32")
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.was
+
+
+class Tally:
+    """Per-epoch sums of the step figures (FIGURES) and the first step with a non-finite loss, kept on
+    the device and updated in place: a CUDA graph can replay them, and the host reads them once per
+    epoch instead of once per step."""
+
+    def __init__(self, device, step):
+        self.sum = torch.zeros(len(FIGURES), dtype=torch.float64, device=device)
+        self.n = torch.zeros_like(self.sum)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.step = torch.full((), step, dtype=torch.long, device=device)  # counts on the device
+        self.index = {}
+
+    def add(self, rec, finite):
+        self.first_bad.copy_(torch.where(finite | (self.first_bad >= 0), self.first_bad, self.step))
+        self.step += 1
+        keys = tuple(k for k in FIGURES if k in rec)
+        if keys not in self.index:  # once per phase, before any capture: a host-to-device copy
+            self.index[keys] = torch.tensor([FIGURES.index(k) for k in keys], device=self.sum.device)
+        values = torch.stack([rec[k].detach().to(torch.float64) for k in keys])
+        self.sum.index_add_(0, self.index[keys], values)
+        self.n.index_add_(0, self.index[keys], torch.ones_like(values))
+
+    def means(self):
+        """{figure: mean over this epoch's steps (nan if none had it)}; then start the next epoch."""
+        out = dict(zip(FIGURES, (self.sum / self.n).tolist()))
+        self.sum.zero_()
+        self.n.zero_()
+        return out
+
+
+class GraphedStep:
+    """--cuda-graphs: a step replays a CUDA graph of everything it does (attack, both losses, both
+    gradients, TwoGradient's weights, Adam) instead of launching ~600 kernels one by one.
+
+    One graph per phase. Schedule values that change within a phase (DYNAMIC) live in device scalars,
+    filled before each replay; the others (phase, eps_adv, beta, final) and the shape of TwoGradient's
+    state select the graph. A graph is captured after WARMUP eager steps with the same selection;
+    selections that keep changing (eps_adv during the warm-up ramp) stay eager, and so does
+    everything past MAX_GRAPHS graphs. Eager steps and captures run on a side stream, as
+    torch.cuda.graph asks. With capture=False (the CPU, in tests) every step is eager but takes the
+    same path, the schedule as tensors; `captured` lists the phases that would have been captured."""
+    DYNAMIC = ("eps_ver", "c_t", "lr", "kappa")
+    WARMUP, MAX_GRAPHS = 3, 4
+    DRY_RUN = False  # tests: allow capture=False through train.py on the CPU
+
+    def __init__(self, body, device, structure, capture=True):
+        self.body, self.structure, self.capture = body, structure, capture
+        self.values = {k: torch.zeros((), dtype=torch.float64, device=device) for k in self.DYNAMIC}
+        self.x = self.y = None
+        self.graphs, self.seen, self.captured = {}, {}, []
+        self.stream = torch.cuda.Stream(device) if capture else None
+
+    def __call__(self, x, y, s):
+        for k, t in self.values.items():
+            t.fill_(s[k])  # a kernel with the value as its argument: no copy from the host, no wait
+        s = {**s, **self.values}
+        key = (tuple(sorted((k, v) for k, v in s.items() if k not in self.DYNAMIC)), self.structure())
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= self.WARMUP or len(self.captured) >= self.MAX_GRAPHS or key in self.captured_keys():
+                return self._eager(x, y, s)
+            self.captured.append((s["phase"], key))
+            if not self.capture:
+                return self._eager(x, y, s)
+            self.x, self.y = x.clone(), y.clone()
+            graph = torch.cuda.CUDAGraph()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):  # records the step; runs nothing
+                    self.body(self.x, self.y, s)
+            except RuntimeError as err:  # the step stays eager for this selection: slower, still right
+                print(f"warning: CUDA graph capture failed in phase {s['phase']} ({str(err)[:300]}); "
+                      "that phase runs eagerly", file=sys.stderr, flush=True)
+                torch.cuda.synchronize()
+                return self._eager(x, y, s)
+            self.graphs[key] = graph
+        self.x.copy_(x)
+        self.y.copy_(y)
+        graph.replay()
+        return {}
+
+    def captured_keys(self):
+        return [key for _, key in self.captured]
+
+    def _eager(self, x, y, s):
+        if not self.capture:
+            return self.body(x, y, s)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            rec = self.body(x, y, s)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return rec
+
+
+def make_optimizer(model, cfg, device, graphs=False):
+    """Adam. On CUDA in one fused kernel; under CUDA graphs capturable (its step count and a tensor
+    learning rate on the device). On the CPU, as ever: the CPU results stay those of earlier versions."""
+    kind = ({"capturable": True} if graphs else {"fused": True}) if device.type == "cuda" else {"foreach": False}
+    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], **kind)
+
+
+def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, capture=None):
+    """(run_step, tally): run_step(x, y, s) takes one training step on batch (x, y) with schedule s
+    (under graphs it returns no figures; all of them are in the tally). capture=False: the graphs'
+    path without capturing (default: capture on CUDA)."""
+    amp = cfg["precision"] == "bf16" and device.type == "cuda"
+    tally = Tally(device, start_step)
+
+    def body(x, y, s):
+        """One training step, from batch and schedule to updated weights; figures go to the tally."""
+        for g in opt.param_groups:
+            g["lr"] = s["lr"]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphs):
+            loss, rec = step_function(cfg["method"], s["phase"])(model, x, y, s, cfg)
+        two = isinstance(loss, tuple)  # AdvIBP's pair of losses, weighted by TwoGradient
+        finite = torch.stack([t.detach().float() for t in (loss[:2] if two else (loss,))]).isfinite().all()
+        if two:
+            loss_adv, loss_ver, fosc = loss
+            rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
+        else:
+            loss.backward()
+            dist.mean_([p.grad for p in model.parameters()])
+        opt.step()
+        if s["phase"] != "natural":  # after the step: a cheap no-grad forward
+            with torch.no_grad():
+                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean()
+        tally.add(rec, finite)
+        return rec
+
+    if not graphs:
+        return body, tally
+    structure = lambda: (tg.was_final, tg.m_a is None, tg.pending is None)  # noqa: E731; what a graph bakes in
+    capture = device.type == "cuda" if capture is None else capture
+    return GraphedStep(body, device, structure, capture=capture), tally
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,11 +611,18 @@ def train(args):
     model = build_model(cfg).to(device)
     if dist.world > 1:  # same start on every rank
         dist.mean_([p.data for p in model.parameters()])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")  # checkpoints before --precision
+    cuda = device.type == "cuda"
+    graphs = args.cuda_graphs and dist.world == 1 and not args.trace
+    if graphs and not cuda and not GraphedStep.DRY_RUN:
+        raise DataError("--cuda-graphs needs a GPU (--device cuda)")
+    opt = make_optimizer(model, cfg, device, graphs)
     tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:
+            g["lr"] = float(g["lr"])  # a run under CUDA graphs saves it as a tensor
         tg.load_state_dict(ck["two_gradient"])
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
@@ -455,13 +630,17 @@ def train(args):
     best = ck.get("best_val", math.inf) if ck else math.inf
     history = list(ck.get("clean_err_history", [])) if ck else []  # train clean error per epoch
     classes = model[-1].out_features
+    for name, labels in (("training", y_train), ("test", y_test)):
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+            raise DataError(f"the {name} labels must lie in [0, {classes}); the data files may be damaged")
 
     bs = cfg["batch_size"]
     if bs % dist.world:
         raise DataError(f"--batch-size {bs} must be divisible by the number of processes ({dist.world})")
     spe = max(1, len(y_train) // bs)  # steps per epoch (the last partial batch is dropped)
     total = cfg["epochs"] * spe
-    amp = cfg["amp"] and device.type == "cuda"
+    if cuda:
+        set_precision(cfg["precision"])
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{cfg['method']} on {cfg['dataset']} eps {cfg['eps']:.4f} (train {cfg['eps_train']:.4f}), "
@@ -486,8 +665,8 @@ def train(args):
 
     trace = open(args.trace, "a") if args.trace and master else None
     step, status = start_step, 0
-    first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss, read once per epoch
-    stats, phases, t0 = {}, {}, time.time()
+    run_step, tally = build_step(model, opt, tg, cfg, device, dist, graphs, start_step)
+    phases, t0 = {}, time.time()
     last_progress = t0
     perm_epoch, perm = None, None
     while step < total and not stop["now"]:
@@ -500,27 +679,7 @@ def train(args):
         if cfg["dataset"] == "cifar":
             x = augment(x)
         s = schedule(cfg, step / spe)
-        for g in opt.param_groups:
-            g["lr"] = s["lr"]
-        opt.zero_grad(set_to_none=True)
-
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, rec = step_function(cfg["method"], s["phase"])(model, x, y, s, cfg)
-        two = isinstance(loss, tuple)  # AdvIBP's pair of losses, weighted by TwoGradient
-        finite = torch.stack([t.detach().float() for t in (loss[:2] if two else (loss,))]).isfinite().all()
-        first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # on the device: no sync per step
-        if two:
-            loss_adv, loss_ver, fosc = loss
-            rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
-        else:
-            loss.backward()
-            dist.mean_([p.grad for p in model.parameters()])
-        opt.step()
-        if s["phase"] != "natural":  # after the step: a cheap no-grad forward
-            with torch.no_grad():
-                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean()
-        for key, v in rec.items():
-            stats.setdefault(key, []).append(v)
+        rec = run_step(x, y, s)
         if trace:  # one line per step: a sync per step, for post-mortems only
             trace.write(json.dumps({"step": step, "epoch": step / spe, "phase": s["phase"], "lr": s["lr"],
                                     "eps_ver": s["eps_ver"], **{key: float(v) for key, v in rec.items()}}) + "\n")
@@ -536,13 +695,13 @@ def train(args):
         if step % spe and step != total and not stop["now"]:
             continue
         # end of an epoch (or of an interrupted one): log, evaluate, check for a collapse, save
-        if first_bad >= 0:  # before anything is saved: last.pt keeps the end of the last good epoch
-            bad = int(first_bad)
+        bad = int(tally.first_bad)  # the host waits for the GPU here, once per epoch
+        if bad >= 0:  # before anything is saved: last.pt keeps the end of the last good epoch
             raise DataError(f"non-finite loss at epoch {bad // spe + 1}, step {bad}; stopping. The last good "
                             f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
         done = step % spe == 0 or step == total
-        means = {key: sum(float(v) for v in vs) / len(vs) for key, vs in stats.items()}
-        m = dict(zip(FIGURES, (v / dist.world for v in dist.sum([means.get(key, math.nan) for key in FIGURES]))))
+        means = tally.means()
+        m = dict(zip(FIGURES, (v / dist.world for v in dist.sum([means[key] for key in FIGURES]))))
         rec = {"epoch": epoch + 1 if done else step / spe, "step": step, "phase": s["phase"],
                "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
                "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
@@ -552,9 +711,10 @@ def train(args):
         ep = epoch + 1
         if done and master and (ep % args.eval_every == 0 or step == total):
             model.eval()
-            rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test, y_test, cfg["eps"])
-            if val is not None:
-                rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, *val, cfg["eps"])
+            with full_precision():
+                rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test, y_test, cfg["eps"])
+                if val is not None:
+                    rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, *val, cfg["eps"])
             model.train()
         reason = collapse_reason(rec["clean_err"], history, classes) if done else None
         if master:
@@ -585,10 +745,12 @@ def train(args):
         if rec.get("val_ibp_verified_err", math.inf) < best:
             best = rec["val_ibp_verified_err"]
             checkpoint(step, ep, out / "best.pt")
-        checkpoint(step, ep if done else epoch)
-        stats, phases, t0 = {}, {}, time.time()
+        stopping = args.stop_after and done and ep >= args.stop_after
+        if not done or ep % args.save_every == 0 or step == total or stopping:
+            checkpoint(step, ep if done else epoch)
+        phases, t0 = {}, time.time()
         last_progress = t0
-        if args.stop_after and done and ep >= args.stop_after:
+        if stopping:
             break
     if trace:
         trace.close()
@@ -635,7 +797,15 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations (and at the end)")
     ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (resume later)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per batch for --method pgd")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the training losses on CUDA")
+    ap.add_argument("--precision", default="tf32", choices=PRECISIONS,
+                    help="arithmetic of the training losses on CUDA: fp32 (exact float32), tf32 (TF32 matmuls and "
+                         "convolutions; the default), bf16 (TF32 plus bf16 autocast). Certificates (verify.py, the "
+                         "test figures) are always full float32; the CPU always computes in float32")
+    ap.add_argument("--amp", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                    help="replay each phase's step as one CUDA graph (single GPU; not with --trace)")
+    ap.add_argument("--save-every", type=int, default=1,
+                    help="epochs between checkpoints (last.pt; also at the end, at --stop-after and on Ctrl-C)")
     ap.add_argument("--allow-collapse", action="store_true",
                     help="train on when an epoch collapses to the constant classifier (by default the run stops "
                          "with exit status 3, keeps last.pt at the last good epoch and saves collapsed.pt)")
@@ -647,7 +817,7 @@ def main(argv=None):
         args.eps_text, args.eps = args.eps, parse_eps(args.eps)
     except argparse.ArgumentTypeError as err:
         ap.error(f"argument --eps: {err}")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "save_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     try:
