@@ -767,8 +767,8 @@ class TwoGradient:
         k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
         combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
         offset = 0
-        for p in self.params:
-            p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+        for p in self.params:  # each gradient in its parameter's memory layout (channels_last too)
+            p.grad = torch.empty_like(p).copy_(combined[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": conflict,
                 "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}

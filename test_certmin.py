@@ -1055,6 +1055,72 @@ def test_the_cuda_graph_path_gives_the_same_weights_on_the_cpu(tmp_path, monkeyp
     assert [json.loads(line)["loss_ver"] for line in open(tmp_path / "plain" / "log.jsonl")] == [r["loss_ver"] for r in log]
 
 
+def test_channels_last_and_clean_n_train_and_resume(tmp_path):
+    """--channels-last only changes the memory layout: every phase trains, weights stay within float
+    rounding of the NCHW run, and resume is exact. --clean-n changes the logged clean error only."""
+    assert in_process(SMALL + ["--out", str(tmp_path / "nchw")]) == 0
+    assert in_process(SMALL + ["--out", str(tmp_path / "cl"), "--channels-last"]) == 0
+    assert in_process(SMALL + ["--out", str(tmp_path / "cl2"), "--channels-last", "--stop-after", "1"]) == 0
+    assert in_process(SMALL + ["--out", str(tmp_path / "cl2"), "--resume"]) == 0
+    assert in_process(SMALL + ["--out", str(tmp_path / "c16"), "--clean-n", "16"]) == 0
+    nchw, cl, cl2, c16 = (train.load_checkpoint(tmp_path / d / "last.pt") for d in ("nchw", "cl", "cl2", "c16"))
+    assert cl["config"]["channels_last"] and cl["model"]["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for k, v in nchw["model"].items():
+        assert torch.allclose(v, cl["model"][k], rtol=1e-3, atol=1e-5), k
+        assert torch.equal(cl["model"][k], cl2["model"][k]), k
+        assert torch.equal(v, c16["model"][k]), k
+    logs = [[json.loads(line)["clean_err"] for line in open(tmp_path / d / "log.jsonl")] for d in ("nchw", "c16")]
+    assert logs[0] != logs[1]
+
+
+def test_two_gradient_keeps_each_gradient_in_its_parameters_layout():
+    conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    x = torch.rand(4, 2, 5, 5)
+    tg = certmin.TwoGradient(conv.parameters())
+    tg.step(conv(x).pow(2).mean(), conv(x).abs().mean())
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.autograd.grad(conv(x).pow(2).mean() + conv(x).abs().mean(), conv.weight)[0]
+    assert conv.weight.grad.shape == expected.shape and conv.weight.grad.stride() == conv.weight.stride()
+
+
+def test_bench_train_step_times_variants_and_checks_graphs(tmp_path):
+    """bench.py train-step on the CPU (the graphs path without capturing): a row per variant, and the
+    graphs-vs-eager check, which on the CPU must agree exactly."""
+    out = tmp_path / "step.json"
+    done = run_script(["bench.py", "train-step", "--device", "cpu", "--model", "dm-small", "--batch", "16", "--steps", "2",
+                       "--windows", "1", "--warmup", "4", "--variants", "fp32,fp32+graphs+cl", "--check",
+                       "--json", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["rows"]] == ["fp32", "fp32+graphs+cl"]
+    assert all(r["ms"] > 0 for r in report["rows"]) and report["rows"][1]["captured"] == ["joint"]
+    assert report["check"]["pass"] and report["check"]["rel_diff_graphs_vs_eager"] == 0.0
+    assert "| fp32+graphs+cl |" in done.stdout
+    bad = run_script(["bench.py", "train-step", "--device", "cpu", "--variants", "fp16", "--steps", "1", "--windows", "1"])
+    assert bad.returncode == 1 and "bad variant 'fp16'" in bad.stdout + bad.stderr
+
+
+def test_bench_preset_trains_verifies_and_reports_next_to_the_paper(tmp_path):
+    """bench.py preset with tiny sizes: every file, the measured figures next to the paper's; and a
+    --train-timeout interrupts train.py, which saves, and what it saved is verified."""
+    need_shared()
+    tiny = ["--", "--model", "dm-small", "--train-n", "384", "--batch-size", "64", "--test-n", "100"]
+    common = ["bench.py", "preset", "--data", str(DATA), "--device", "cpu", "--verify-args", "--n 100 --pgd-steps 5"]
+    done = run_script(common + ["--out", str(tmp_path / "a")] + tiny + ["--epochs", "2"])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"train.log", "train_log.jsonl", "verify.log", "verify.json", "preset.json", "preset.md"} <= files
+    report = json.loads((tmp_path / "a" / "preset.json").read_text())
+    assert report["train_status"] == 0 and report["epochs_done"] == report["epochs"] == 2
+    assert report["paper"] == {"clean_err": 1.90, "pgd_err": 2.87, "verified_err": 6.60}
+    assert report["measured"]["n"] == 100 and 0 <= report["measured"]["ibp_verified_err"] <= 100
+    assert "| paper (Fan & Li 2021) | 1.90 | 2.87 | 6.60 |" in (tmp_path / "a" / "preset.md").read_text()
+    cut = run_script(common + ["--out", str(tmp_path / "b"), "--train-timeout", "4"] + tiny + ["--epochs", "400", "--allow-collapse"])
+    report = json.loads((tmp_path / "b" / "preset.json").read_text())
+    assert report["train_status"] == 130 and 0 < report["epochs_done"] < 400, cut.stdout[-2000:]
+    assert report["verify_status"] == 0 and "measured" in report
+
+
 def test_cuda_graphs_without_a_gpu_fail_clearly(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -72,7 +72,8 @@ def resolve(args):
     p.update(epochs=args.epochs or p["epochs"], eps=args.eps, eps_train=eps_train, c_max=c_max,
              dataset=args.dataset, model=args.model, method=args.method, weights=args.weights,
              batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=args.val_split,
-             train_n=args.train_n, precision=args.precision, pgd_steps=args.pgd_steps)
+             train_n=args.train_n, precision=args.precision, pgd_steps=args.pgd_steps,
+             channels_last=args.channels_last, clean_n=args.clean_n)
     p["shape"] = list(p["shape"])
     return p
 
@@ -489,9 +490,10 @@ def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, ca
             loss.backward()
             dist.mean_([p.grad for p in model.parameters()])
         opt.step()
-        if s["phase"] != "natural":  # after the step: a cheap no-grad forward
+        if s["phase"] != "natural":  # after the step: a no-grad forward, on the first clean_n examples
+            n = cfg.get("clean_n") or len(y)
             with torch.no_grad():
-                rec["clean_wrong"] = (model(x).argmax(1) != y).float().mean()
+                rec["clean_wrong"] = (model(x[:n]).argmax(1) != y[:n]).float().mean()
         tally.add(rec, finite)
         return rec
 
@@ -608,11 +610,17 @@ def train(args):
     torch.manual_seed(cfg["seed"])
     (x_train, y_train), (x_test, y_test), val = setup_data(cfg, args, device)
 
+    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")  # checkpoints before these options
+    cfg.setdefault("channels_last", False)
+    cfg.setdefault("clean_n", 0)
     model = build_model(cfg).to(device)
+    if cfg["channels_last"]:  # NHWC activations: cuDNN's tensor-core kernels need no layout transposes
+        model = model.to(memory_format=torch.channels_last)
     if dist.world > 1:  # same start on every rank
         dist.mean_([p.data for p in model.parameters()])
-    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")  # checkpoints before --precision
     cuda = device.type == "cuda"
+    if cuda:  # pick the fastest convolution algorithm per shape, once (2% of a step on the H100)
+        torch.backends.cudnn.benchmark = True
     graphs = args.cuda_graphs and dist.world == 1 and not args.trace
     if graphs and not cuda and not GraphedStep.DRY_RUN:
         raise DataError("--cuda-graphs needs a GPU (--device cuda)")
@@ -678,6 +686,8 @@ def train(args):
         x, y = x_train[idx].float() / 255, y_train[idx]
         if cfg["dataset"] == "cifar":
             x = augment(x)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
         s = schedule(cfg, step / spe)
         rec = run_step(x, y, s)
         if trace:  # one line per step: a sync per step, for post-mortems only
@@ -804,6 +814,12 @@ def main(argv=None):
     ap.add_argument("--amp", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                     help="replay each phase's step as one CUDA graph (single GPU; not with --trace)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="keep the model and batches in channels_last (NHWC) memory format: on the H100 it saved the "
+                         "layout transposes of cuDNN's tensor-core kernels (README, 'CUDA')")
+    ap.add_argument("--clean-n", type=int, default=0,
+                    help="the train clean error (log, collapse guard) from the first N examples of each batch, one "
+                         "no-grad forward after the step; 0: the whole batch. Does not change the training")
     ap.add_argument("--save-every", type=int, default=1,
                     help="epochs between checkpoints (last.pt; also at the end, at --stop-after and on Ctrl-C)")
     ap.add_argument("--allow-collapse", action="store_true",
@@ -820,6 +836,8 @@ def main(argv=None):
     for name in ("epochs", "batch_size", "save_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.clean_n < 0:
+        ap.error("--clean-n must be >= 0 (0: the whole batch)")
     try:
         return train(args)
     except DataError as err:
