@@ -612,16 +612,26 @@ def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
     return _fosc(_input_grad(model, x_adv, y)[2], x_adv, x, eps, lo, hi)
 
 
-def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
+def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
     """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
     gradient, FOSC (a 0-dim tensor) costs one extra input-only backward instead of a second forward;
-    wrong (N,) marks the examples that x_adv misclassifies."""
+    wrong (N,) marks the examples that x_adv misclassifies.
+
+    With params: (L_adv detached, FOSC, wrong, L_adv's gradients for params) from one backward pass
+    for both gradients (the input's, for FOSC, and the parameters', for TwoGradient.step(grad_adv=)):
+    a backward pass through the network fewer. FOSC then comes from the mean loss's input gradient
+    times N, equal to the per-example gradients up to rounding."""
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
-    grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
     wrong = logits.detach().argmax(1) != y
-    return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
+    if params is None:
+        grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
+        return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
+    mean = loss.mean()
+    *grads, grad = torch.autograd.grad(mean, [*params, x_adv], allow_unused=True)
+    fosc = _fosc(grad.float() * len(y), x_adv.detach(), x, eps, lo, hi).mean()
+    return mean.detach(), fosc, wrong, grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,8 +692,9 @@ class TwoGradient:
         self.count = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # pairs averaged
         self.m_a = self.m_b = self.n_a = self.n_b = None  # None: no past yet
 
-    def _grads(self, loss_adv, loss_ver, fosc):
-        g_a = torch.autograd.grad(loss_adv, self.params, retain_graph=True, allow_unused=True)
+    def _grads(self, loss_adv, loss_ver, fosc, grad_adv=None):
+        g_a = tuple(grad_adv) if grad_adv is not None else torch.autograd.grad(
+            loss_adv, self.params, retain_graph=True, allow_unused=True)
         g_b = torch.autograd.grad(loss_ver, self.params, allow_unused=True)
         flat = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a + g_b, self.params * 2)]
         dev, dt = flat[0].device, flat[0].dtype
@@ -743,11 +754,12 @@ class TwoGradient:
         k_reg = where(conflict, 0.5 if final else 0.0, zero)
         return k_adv, k_ver, k_reg, conflict
 
-    def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False):
+    def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False, grad_adv=None):
         """Compute both gradients, weight them, write k_adv g_adv + (k_ver + 2 k_reg L_ver) g_ver into
         p.grad (the caller then calls optimizer.step()). Returns the weights (0-dim tensors on the
-        gradients' device, read them when you need them), the conflict flag and both gradient norms."""
-        g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc)
+        gradients' device, read them when you need them), the conflict flag and both gradient norms.
+        grad_adv: L_adv's gradients for the parameters, if you have them (adv_loss_and_fosc(params=))."""
+        g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc, grad_adv)
         if final and not self.was_final:  # restart the averages at the first step with the final eps
             self.m_a, self.pending = None, None
         self.was_final = self.was_final or final

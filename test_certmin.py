@@ -602,6 +602,31 @@ def test_fosc_matches_its_closed_form_and_is_per_example():
     assert certmin.fosc(lin, best, xs, ys, 0.1).abs().item() < 1e-6
 
 
+def test_one_backward_for_fosc_and_the_adversarial_gradient_gives_the_same_step():
+    """adv_loss_and_fosc(params=) + TwoGradient.step(grad_adv=) must be the two-pass step: the same
+    parameter gradient (bit for bit), the same FOSC up to rounding, the same combined gradient."""
+    torch.manual_seed(3)
+    net = small_net()
+    x, y = 0.25 + 0.5 * torch.rand(8, 1, 3, 4), torch.randint(0, 4, (8,))
+    x_adv = certmin.fgsm_rs(net, x, y, 0.1)
+    params = list(net.parameters())
+    loss, fosc, wrong = certmin.adv_loss_and_fosc(net, x_adv, x, y, 0.1)
+    loss1, fosc1, wrong1, grads = certmin.adv_loss_and_fosc(net, x_adv, x, y, 0.1, params=params)
+    assert torch.equal(loss.detach(), loss1) and torch.equal(wrong, wrong1) and not loss1.requires_grad
+    assert torch.allclose(fosc, fosc1, rtol=1e-6, atol=0)
+    for g, g1 in zip(torch.autograd.grad(loss, params, retain_graph=True), grads):
+        assert torch.equal(g, g1)
+    combined = []
+    for two_pass in (True, False):
+        tg = certmin.TwoGradient(params)
+        loss_ver, _ = certmin.verified_loss(net, x, y, 0.05)
+        tg.step(loss if two_pass else loss1, loss_ver, fosc=fosc, c_t=0.01, final=False,
+                grad_adv=None if two_pass else grads)
+        combined.append([p.grad.clone() for p in params])
+    for a, b in zip(*combined):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedules and models
 # ----------------------------------------------------------------------------------------------

@@ -302,16 +302,20 @@ def bound_step(model, x, y, s, cfg):
 
 
 def advibp_step(model, x, y, s, cfg):
-    """AdvIBP: the adversarial loss at an FGSM-RS point and its FOSC; in the warm-up that loss alone,
-    from the joint phase on also the verified loss, as (loss_adv, loss_ver, fosc) for TwoGradient."""
+    """AdvIBP: the adversarial loss at an FGSM-RS point; in the warm-up that loss alone, from the joint
+    phase on also its FOSC and the verified loss, as (loss_adv, loss_ver, fosc, grad_adv) for
+    TwoGradient, with L_adv's parameter gradient and FOSC's input gradient from one backward pass."""
     xa = certmin.fgsm_rs(model, x, y, s["eps_adv"])
-    loss_adv, fosc, wrong = certmin.adv_loss_and_fosc(model, xa, x, y, s["eps_adv"])
-    figures = {"loss_adv": loss_adv.detach(), "adv_wrong": wrong.float().mean()}
-    if s["phase"] == "adv-warmup":
-        return loss_adv, figures
+    if s["phase"] == "adv-warmup":  # FOSC serves TwoGradient only: not computed here
+        logits = model(xa)
+        loss_adv = F.cross_entropy(logits, y)
+        return loss_adv, {"loss_adv": loss_adv.detach(), "adv_wrong": (logits.detach().argmax(1) != y).float().mean()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_adv, fosc, wrong, grad_adv = certmin.adv_loss_and_fosc(model, xa, x, y, s["eps_adv"], params=params)
     loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"], check=False)
-    figures.update(loss_ver=loss_ver.detach(), ver_wrong=(~verified).float().mean())
-    return (loss_adv, loss_ver, fosc), figures
+    figures = {"loss_adv": loss_adv, "adv_wrong": wrong.float().mean(), "loss_ver": loss_ver.detach(),
+               "ver_wrong": (~verified).float().mean()}
+    return (loss_adv, loss_ver, fosc, grad_adv), figures
 
 
 def step_function(method, phase):
@@ -484,8 +488,8 @@ def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, ca
         two = isinstance(loss, tuple)  # AdvIBP's pair of losses, weighted by TwoGradient
         finite = torch.stack([t.detach().float() for t in (loss[:2] if two else (loss,))]).isfinite().all()
         if two:
-            loss_adv, loss_ver, fosc = loss
-            rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"]))
+            loss_adv, loss_ver, fosc, grad_adv = loss
+            rec.update(tg.step(loss_adv, loss_ver, fosc=fosc, c_t=s["c_t"], final=s["final"], grad_adv=grad_adv))
         else:
             loss.backward()
             dist.mean_([p.grad for p in model.parameters()])
