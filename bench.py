@@ -5,6 +5,9 @@
     python bench.py study --data ../shared/data   # issue 5: AdvIBP vs baselines and ablations, MNIST
     python bench.py verify runs/mnist-0.3-advibp/last.pt --data ../shared/data --peers   # issue 9: verification cost
     python bench.py schedule runs/full/advibp runs/full/ibp   # issue 10: finished runs + verify.json -> results/
+    python bench.py train-step --device cuda --check           # issue 11: train.py's step per variant, graphs check
+    python bench.py preset --out OUT --data D -- --cuda-graphs # issue 11: a preset trained and verified, one folder
+    python bench.py gpu-run --out OUT --data D                 # issue 11: both, inside a time budget (--tiny: CPU)
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -696,6 +699,51 @@ def preset(argv):
     return 0 if train_status == 0 and verify_status == 0 else 1
 
 
+def gpu_run(argv):
+    """Issue 11 in one command: the step benchmark with the graphs check, then the preset, trained
+    with the measured-best flags and verified, inside a time budget. --tiny: the same on the CPU."""
+    ap = argparse.ArgumentParser(prog="bench.py gpu-run", description=gpu_run.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--budget", type=float, default=570, help="seconds for everything")
+    ap.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"], help="for the preset run")
+    ap.add_argument("--verify-seconds", type=float, default=90, help="kept back from training for verify.py")
+    ap.add_argument("--tiny", action="store_true", help="CPU, DM-small, a few hundred images: a dry run")
+    args = ap.parse_args(argv)
+    t0, out = time.time(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = args.precision
+    if args.tiny:
+        dev, variants = "cpu", f"{p},{p}+cl"
+        step_args = ["--model", "dm-small", "--batch", "32", "--steps", "2", "--windows", "1", "--warmup", "4"]
+        train_args = ["--model", "dm-small", "--epochs", "3", "--train-n", "640", "--batch-size", "64", "--test-n", "200"]
+        verify_args = "--n 200 --pgd-steps 10"
+    else:
+        dev, variants = "cuda", f"{p}+graphs,{p}+graphs+cl"
+        step_args = ["--steps", "50", "--windows", "3", "--warmup", "10"]
+        train_args, verify_args = ["--save-every", "50", "--eval-every", "25"], ""
+    step_cmd = [sys.executable, __file__, "train-step", "--device", dev, "--phase", "joint", "--variants", variants,
+                "--check", "--timeout", "90", "--clean-n", "64", "--json", str(out / "bench_step.json"), *step_args]
+    status, _ = _run_logged(step_cmd, out / "bench_step.log", timeout=min(240, args.budget / 3))
+    try:
+        bench = json.loads((out / "bench_step.json").read_text())
+    except (OSError, ValueError):
+        bench = {"rows": [], "check": None}
+    ms = {r["variant"]: r["ms"] for r in bench["rows"] if "ms" in r}
+    graphs = bool((bench.get("check") or {}).get("pass")) and not args.tiny
+    plain, cl = (f"{p}+graphs", f"{p}+graphs+cl") if not args.tiny else (p, f"{p}+cl")
+    flags = ["--precision", p, "--clean-n", "64", "--cuda-graphs" if graphs else "--no-cuda-graphs"]
+    if cl in ms and ms[cl] < ms.get(plain, math.inf):
+        flags.append("--channels-last")
+    left = args.budget - (time.time() - t0)
+    print(f"preset with {' '.join(flags)}; {left:.0f} s left, training stops after {left - args.verify_seconds:.0f} s",
+          flush=True)
+    preset_argv = ["--out", str(out / "preset"), "--run-dir", str(out / "run") if args.tiny else "/tmp/certmin-run",
+                   "--data", args.data, "--device", dev, "--train-timeout", str(max(10, left - args.verify_seconds)),
+                   "--verify-args", verify_args, "--", *flags, *train_args]
+    return preset(preset_argv)
+
+
 def main():
     if sys.argv[1:2] == ["study"]:
         return study(sys.argv[2:])
@@ -707,6 +755,8 @@ def main():
         return train_step_bench(sys.argv[2:])
     if sys.argv[1:2] == ["preset"]:
         return preset(sys.argv[2:])
+    if sys.argv[1:2] == ["gpu-run"]:
+        return gpu_run(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)

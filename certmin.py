@@ -573,9 +573,10 @@ def _input_grad(model, x, y):
 
 def fgsm_rs(model, x, y, eps, lo=0.0, hi=1.0):
     """FGSM with a random start (Wong et al. 2020): uniform start in the eps-ball, one signed-gradient
-    step of 1.25 eps, projected back into the ball and the valid range."""
+    step of 1.25 eps, projected back into the ball and the valid range. eps may be a 0-dim tensor."""
     xl, xu = input_box(x, eps, lo, hi)
-    x0 = torch.min(torch.max(x + torch.empty_like(x).uniform_(-eps, eps), xl), xu)
+    start = (2 * torch.rand_like(x) - 1) * eps  # = uniform_(-eps, eps), bit for bit on the CPU; takes a tensor eps
+    x0 = torch.min(torch.max(x + start, xl), xu)
     _, _, g = _input_grad(model, x0, y)
     return torch.min(torch.max(x0 + 1.25 * eps * g.sign(), xl), xu).detach()
 

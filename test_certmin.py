@@ -1025,7 +1025,7 @@ def test_augment_crops_and_flips_on_the_batch():
 def test_schedule_follows_the_scaled_preset():
     args = train.main.__globals__["argparse"].Namespace(
         dataset="cifar", eps=8 / 255, epochs=320, model="dm-large", method="advibp", weights="advibp",
-        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, amp=False, pgd_steps=10)
+        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, precision="tf32", pgd_steps=10, channels_last=False, clean_n=0)
     cfg = train.resolve(args)
     assert cfg["adv_ramp"] == [40, 80] and cfg["ver_ramp"] == [81, 181] and cfg["lr_decay"] == [220, 270]
     assert math.isclose(cfg["eps_train"], 8.8 / 255) and cfg["c_max"] == 0.0256
@@ -1060,7 +1060,7 @@ def test_training_passes_every_phase_and_resumes_exactly(tmp_path):
 def test_the_cuda_graph_path_gives_the_same_weights_on_the_cpu(tmp_path, monkeypatch):
     """--cuda-graphs takes the schedule's changing values as device tensors and updates every state in
     place. On the CPU (every step eager, DRY_RUN) that path must give exactly the plain path's weights,
-    and it must pick the phases to capture: joint, joint-final, never the eps_adv ramp."""
+    and it must pick the phases to capture: one graph per phase, the eps_adv ramp's too."""
     args = SMALL + ["--epochs", "8", "--save-every", "4"]
     assert in_process(args + ["--out", str(tmp_path / "plain")]) == 0
     made, real = [], train.GraphedStep
@@ -1074,8 +1074,8 @@ def test_the_cuda_graph_path_gives_the_same_weights_on_the_cpu(tmp_path, monkeyp
         assert torch.equal(v, graphs["model"][k]), k
     assert plain["two_gradient"]["count"] == graphs["two_gradient"]["count"] > 0
     assert torch.equal(plain["two_gradient"]["m_a"], graphs["two_gradient"]["m_a"])
-    # natural lasts 2 steps here (fewer than WARMUP); the eps_adv ramp changes its selection every step
-    assert [phase for phase, _ in made[0].captured] == ["joint", "joint-final"]
+    # natural lasts 2 steps here, fewer than WARMUP
+    assert [phase for phase, _ in made[0].captured] == ["adv-warmup", "joint", "joint-final"]
     log = [json.loads(line) for line in open(tmp_path / "graphs" / "log.jsonl")]
     assert [json.loads(line)["loss_ver"] for line in open(tmp_path / "plain" / "log.jsonl")] == [r["loss_ver"] for r in log]
 
@@ -1144,6 +1144,21 @@ def test_bench_preset_trains_verifies_and_reports_next_to_the_paper(tmp_path):
     report = json.loads((tmp_path / "b" / "preset.json").read_text())
     assert report["train_status"] == 130 and 0 < report["epochs_done"] < 400, cut.stdout[-2000:]
     assert report["verify_status"] == 0 and "measured" in report
+
+
+def test_gpu_run_dry_run_benchmarks_picks_flags_trains_and_verifies(tmp_path):
+    """bench.py gpu-run --tiny: the whole GPU driver on the CPU. The flags it picks follow its own
+    benchmark (channels_last only where it measured faster), and every file lands in --out."""
+    need_shared()
+    done = run_script(["bench.py", "gpu-run", "--out", str(tmp_path), "--data", str(DATA), "--tiny", "--budget", "300"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    bench = json.loads((tmp_path / "bench_step.json").read_text())
+    ms = {r["variant"]: r["ms"] for r in bench["rows"]}
+    assert set(ms) == {"tf32", "tf32+cl"} and bench["check"]["pass"]
+    report = json.loads((tmp_path / "preset" / "preset.json").read_text())
+    assert ("--channels-last" in report["train_command"]) == (ms["tf32+cl"] < ms["tf32"])
+    assert "--no-cuda-graphs" in report["train_command"] and "--clean-n 64" in report["train_command"]
+    assert report["train_status"] == 0 and report["measured"]["n"] == 200
 
 
 def test_cuda_graphs_without_a_gpu_fail_clearly(tmp_path, capsys):

@@ -404,14 +404,14 @@ class GraphedStep:
     gradients, TwoGradient's weights, Adam) instead of launching ~600 kernels one by one.
 
     One graph per phase. Schedule values that change within a phase (DYNAMIC) live in device scalars,
-    filled before each replay; the others (phase, eps_adv, beta, final) and the shape of TwoGradient's
-    state select the graph. A graph is captured after WARMUP eager steps with the same selection;
-    selections that keep changing (eps_adv during the warm-up ramp) stay eager, and so does
-    everything past MAX_GRAPHS graphs. Eager steps and captures run on a side stream, as
+    filled before each replay; the others (phase, beta, final) and the shape of TwoGradient's state
+    select the graph. A graph is captured after WARMUP eager steps with the same selection;
+    selections that keep changing (beta in advcrown-ibp's ramp) stay eager, and so does everything
+    past MAX_GRAPHS graphs, and a step that cannot be captured (PGD's masks) warns and stays eager. Eager steps and captures run on a side stream, as
     torch.cuda.graph asks. With capture=False (the CPU, in tests) every step is eager but takes the
     same path, the schedule as tensors; `captured` lists the phases that would have been captured."""
-    DYNAMIC = ("eps_ver", "c_t", "lr", "kappa")
-    WARMUP, MAX_GRAPHS = 3, 4
+    DYNAMIC = ("eps_adv", "eps_ver", "c_t", "lr", "kappa")
+    WARMUP, MAX_GRAPHS = 3, 6
     DRY_RUN = False  # tests: allow capture=False through train.py on the CPU
 
     def __init__(self, body, device, structure, capture=True):
@@ -625,9 +625,9 @@ def train(args):
     cuda = device.type == "cuda"
     if cuda:  # pick the fastest convolution algorithm per shape, once (2% of a step on the H100)
         torch.backends.cudnn.benchmark = True
-    graphs = args.cuda_graphs and dist.world == 1 and not args.trace
-    if graphs and not cuda and not GraphedStep.DRY_RUN:
+    if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
         raise DataError("--cuda-graphs needs a GPU (--device cuda)")
+    graphs = (cuda if args.cuda_graphs is None else args.cuda_graphs) and dist.world == 1 and not args.trace
     opt = make_optimizer(model, cfg, device, graphs)
     tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
     if ck is not None:
@@ -816,8 +816,9 @@ def main(argv=None):
                          "convolutions; the default), bf16 (TF32 plus bf16 autocast). Certificates (verify.py, the "
                          "test figures) are always full float32; the CPU always computes in float32")
     ap.add_argument("--amp", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
-    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                    help="replay each phase's step as one CUDA graph (single GPU; not with --trace)")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay each phase's step as one CUDA graph (default: on with one GPU; off with several "
+                         "processes or --trace)")
     ap.add_argument("--channels-last", action="store_true",
                     help="keep the model and batches in channels_last (NHWC) memory format: on the H100 it saved the "
                          "layout transposes of cuDNN's tensor-core kernels (README, 'CUDA')")
