@@ -707,7 +707,9 @@ def gpu_run(argv):
     ap.add_argument("--data", default="data")
     ap.add_argument("--budget", type=float, default=570, help="seconds for everything")
     ap.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"], help="for the preset run")
-    ap.add_argument("--verify-seconds", type=float, default=90, help="kept back from training for verify.py")
+    ap.add_argument("--verify-seconds", type=float, default=75, help="kept back from training for verify.py")
+    ap.add_argument("--verify-args", default="--methods ibp",
+                    help="verify.py's arguments (default: IBP, as the paper verifies, and PGD-200: about 40 s on the H100)")
     ap.add_argument("--tiny", action="store_true", help="CPU, DM-small, a few hundred images: a dry run")
     args = ap.parse_args(argv)
     t0, out = time.time(), Path(args.out)
@@ -717,11 +719,11 @@ def gpu_run(argv):
         dev, variants = "cpu", f"{p},{p}+cl"
         step_args = ["--model", "dm-small", "--batch", "32", "--steps", "2", "--windows", "1", "--warmup", "4"]
         train_args = ["--model", "dm-small", "--epochs", "3", "--train-n", "640", "--batch-size", "64", "--test-n", "200"]
-        verify_args = "--n 200 --pgd-steps 10"
+        verify_args = args.verify_args + " --n 200 --pgd-steps 10"
     else:
         dev, variants = "cuda", f"{p}+graphs,{p}+graphs+cl"
         step_args = ["--steps", "50", "--windows", "3", "--warmup", "10"]
-        train_args, verify_args = ["--save-every", "50", "--eval-every", "25"], ""
+        train_args, verify_args = ["--save-every", "50", "--eval-every", "25"], args.verify_args
     step_cmd = [sys.executable, __file__, "train-step", "--device", dev, "--phase", "joint", "--variants", variants,
                 "--check", "--timeout", "90", "--clean-n", "64", "--json", str(out / "bench_step.json"), *step_args]
     status, _ = _run_logged(step_cmd, out / "bench_step.log", timeout=min(240, args.budget / 3))

@@ -1098,6 +1098,18 @@ def test_channels_last_and_clean_n_train_and_resume(tmp_path):
     assert logs[0] != logs[1]
 
 
+def test_bf16_autocast_trains_on_the_cpu_and_certifies_in_float32(tmp_path):
+    """--precision bf16 runs the training losses in bf16 autocast (on the CPU too), so the weights
+    differ from float32's; the parameters, the checkpoint and the test figures stay float32."""
+    assert in_process(SMALL + ["--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    assert in_process(SMALL + ["--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 0
+    bf16, fp32 = (train.load_checkpoint(tmp_path / d / "last.pt") for d in ("bf16", "fp32"))
+    assert bf16["config"]["precision"] == "bf16" and all(v.dtype == torch.float32 for v in bf16["model"].values())
+    assert not all(torch.equal(v, bf16["model"][k]) for k, v in fp32["model"].items())
+    log = json.loads(open(tmp_path / "bf16" / "log.jsonl").readlines()[-1])
+    assert 0 <= log["test_ibp_verified_err"] <= 1 and math.isfinite(log["loss_ver"])
+
+
 def test_two_gradient_keeps_each_gradient_in_its_parameters_layout():
     conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
     x = torch.rand(4, 2, 5, 5)

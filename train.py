@@ -475,7 +475,7 @@ def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, ca
     """(run_step, tally): run_step(x, y, s) takes one training step on batch (x, y) with schedule s
     (under graphs it returns no figures; all of them are in the tally). capture=False: the graphs'
     path without capturing (default: capture on CUDA)."""
-    amp = cfg["precision"] == "bf16" and device.type == "cuda"
+    amp = cfg["precision"] == "bf16"  # on the CPU too: slow there, but it shows what bf16 does to training
     tally = Tally(device, start_step)
 
     def body(x, y, s):
@@ -812,9 +812,9 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (resume later)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per batch for --method pgd")
     ap.add_argument("--precision", default="tf32", choices=PRECISIONS,
-                    help="arithmetic of the training losses on CUDA: fp32 (exact float32), tf32 (TF32 matmuls and "
-                         "convolutions; the default), bf16 (TF32 plus bf16 autocast). Certificates (verify.py, the "
-                         "test figures) are always full float32; the CPU always computes in float32")
+                    help="arithmetic of the training losses: fp32 (exact float32), tf32 (on CUDA TF32 matmuls and "
+                         "convolutions; the default; float32 on the CPU), bf16 (TF32 plus bf16 autocast, on the CPU "
+                         "too). Certificates (verify.py, the test figures) are always full float32")
     ap.add_argument("--amp", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="replay each phase's step as one CUDA graph (default: on with one GPU; off with several "
