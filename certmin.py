@@ -173,6 +173,57 @@ def _ibp_layer(m, c, r):
     return c.flatten(1), r.flatten(1)  # Flatten
 
 
+COMPILE_MIN = int(os.environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
+_compiled = {}
+
+
+def _fused(fn, *args):
+    """Run fn compiled when its first tensor is large. torch.compile fuses an elementwise chain into
+    one loop: ~6x faster than eager on CROWN's A at DM-large's size, where eager's many passes over
+    150 MB tensors dominate a CROWN-IBP step. Small tensors, or a platform where compiling fails, run
+    fn as it is. The chains are plain IEEE arithmetic, so both give the same numbers."""
+    args = [t.detach() for t in args]  # inside autograd.Function already; detached, dynamo traces quietly
+    if COMPILE_MIN <= 0 or args[0].numel() < COMPILE_MIN or _compiled.get(fn) is False:
+        return fn(*args)
+    try:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn](*args)
+    except Exception as err:  # no compiler, unsupported platform, ...: fall back for good
+        warnings.warn(f"certmin: torch.compile failed ({type(err).__name__}: {err}); using eager kernels")
+        _compiled[fn] = False
+        return fn(*args)
+
+def _ibp_relu_forward(c, r):
+    l, u = (c - r).clamp(min=0), (c + r).clamp(min=0)
+    return (u + l) / 2, (u - l) / 2
+
+
+def _ibp_relu_backward(c, r, g_c, g_r):
+    # autograd's own arithmetic for the forward above, term by term (so the same bits): clamp passes
+    # the gradient where its input is >= 0, the halves and the sums come back through / 2, + and -
+    half_c, half_r = g_c / 2, g_r / 2
+    g_u = torch.where(c + r >= 0, half_c + half_r, 0)
+    g_l = torch.where(c - r >= 0, half_c - half_r, 0)
+    return g_u + g_l, g_u - g_l
+
+
+class _IbpRelu(torch.autograd.Function):
+    """IBP through a ReLU in centre/radius form: (c, r) -> the centre and radius of [relu(c - r),
+    relu(c + r)]. Eager autograd runs this as 8 passes forward and 12 backward over activation-sized
+    tensors (most of an IBP step's memory traffic on a GPU); written out, each direction is one fused
+    loop on large tensors (_fused), with the same numbers."""
+
+    @staticmethod
+    def forward(ctx, c, r):
+        ctx.save_for_backward(c, r)
+        return _fused(_ibp_relu_forward, c, r)
+
+    @staticmethod
+    def backward(ctx, g_c, g_r):
+        return _fused(_ibp_relu_backward, *ctx.saved_tensors, g_c, g_r)
+
+
 def _ibp(layers, xl, xu, C=None, record=False, check=True):
     """Interval bounds. Returns (lb, ub, pre, shapes): pre[i] = (l, u) at the input of ReLU i (when
     record), shapes[i] = the input shape of layer i. With C the last Linear layer is elided.
@@ -189,10 +240,11 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
             c = (W @ c.unsqueeze(-1)).squeeze(-1) + (C @ m.bias if m.bias is not None else 0)
             r = (W.abs() @ r.unsqueeze(-1)).squeeze(-1)
             return c - r, c + r, pre, shapes
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, nn.ReLU) and not record:
+            c, r = _IbpRelu.apply(c, r)
+        elif isinstance(m, nn.ReLU):  # CROWN needs the pre-activation bounds, and their gradient
             l, u = c - r, c + r
-            if record:
-                pre[i] = (l, u)
+            pre[i] = (l, u)
             l, u = l.clamp(min=0), u.clamp(min=0)
             c, r = (u + l) / 2, (u - l) / 2
         else:
@@ -229,27 +281,6 @@ def _relu_step_backward(out, d_l, d_u, b_u, g_out, g_bias):
     g_A = g_out * torch.where(neg, d_u.unsqueeze(1), d_l.unsqueeze(1)) + torch.where(neg, g_bias * b_u.unsqueeze(1), 0)
     A_neg = torch.where(neg, out / d_u.unsqueeze(1), 0)
     return g_A, (g_out * A_neg).sum(1), (g_bias * A_neg).sum(1)
-
-
-COMPILE_MIN = int(os.environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
-_compiled = {}
-
-
-def _fused(fn, *args):
-    """Run fn compiled when A is large. torch.compile fuses these elementwise chains into one loop
-    each: ~6x faster than eager on A of DM-large's size, where eager's many passes over 150 MB tensors
-    dominate a CROWN-IBP step. Small tensors, or a platform where compiling fails, run fn as it is."""
-    args = [t.detach() for t in args]  # inside autograd.Function already; detached, dynamo traces quietly
-    if COMPILE_MIN <= 0 or args[0].numel() < COMPILE_MIN or _compiled.get(fn) is False:
-        return fn(*args)
-    try:
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=True)
-        return _compiled[fn](*args)
-    except Exception as err:  # no compiler, unsupported platform, ...: fall back for good
-        warnings.warn(f"certmin: torch.compile failed ({type(err).__name__}: {err}); using eager kernels")
-        _compiled[fn] = False
-        return fn(*args)
 
 
 class _ReluStep(torch.autograd.Function):

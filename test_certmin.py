@@ -368,6 +368,34 @@ def test_fused_compiled_relu_step_equals_eager(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ibp_relu_function_gives_autograds_numbers_eager_and_compiled(monkeypatch):
+    """_IbpRelu (the fused IBP ReLU) against autograd on the plain formula: the same bounds and
+    gradients, bit for bit when eager, and to float32 rounding when compiled; float64 gradcheck."""
+    torch.manual_seed(9)
+    c, r = torch.randn(16, 4, 6, 6), torch.rand(16, 4, 6, 6)
+    c[0, 0, 0, :3], r[0, 0, 0, :3] = torch.tensor([0.5, -0.5, 0.0]), torch.tensor([0.5, 0.5, 0.0])  # kinks at 0
+    g = torch.randn(16, 4, 6, 6), torch.randn(16, 4, 6, 6)
+
+    def plain(c, r):
+        l, u = (c - r).clamp(min=0), (c + r).clamp(min=0)
+        return (u + l) / 2, (u - l) / 2
+
+    def run(f, c, r):
+        c, r = c.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        out = f(c, r)
+        return [*out, *torch.autograd.grad(out, (c, r), g)]
+
+    reference = run(plain, c, r)
+    for threshold, exact in ((0, True), (1, False)):  # 0: eager; 1: compiled
+        monkeypatch.setattr(certmin, "COMPILE_MIN", threshold)
+        for a, b in zip(reference, run(certmin._IbpRelu.apply, c, r)):
+            assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert certmin._compiled.get(certmin._ibp_relu_forward) not in (None, False), "compiling must have worked"
+    monkeypatch.setattr(certmin, "COMPILE_MIN", 0)
+    c64, r64 = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5, dtype=torch.float64) + 0.1
+    assert torch.autograd.gradcheck(certmin._IbpRelu.apply, (c64.requires_grad_(), r64.requires_grad_()))
+
+
 def test_crown_is_tighter_than_ibp_on_a_real_network():
     net = load_shared_model("mnist_fc_3layer.pth")
     x, y = mnist_test(16)
