@@ -795,8 +795,9 @@ class TwoGradient:
         if final and not self.was_final:  # restart the averages at the first step with the final eps
             self.m_a, self.pending = None, None
         self.was_final = self.was_final or final
+        norm_a, norm_b = g_a.norm(), g_b.norm()
         if not final or self.mode in ("advibp-biased", "sum"):
-            m_a, m_b, n_a, n_b = g_a, g_b, g_a.norm().double(), g_b.norm().double()
+            m_a, m_b, n_a, n_b = g_a, g_b, norm_a.double(), norm_b.double()
         else:
             if self.m_a is None:  # no past yet: take the current gradients
                 self._update(g_a, g_b)
@@ -815,7 +816,7 @@ class TwoGradient:
             p.grad = torch.empty_like(p).copy_(combined[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": conflict,
-                "g_adv_norm": g_a.norm(), "g_ver_norm": g_b.norm()}
+                "g_adv_norm": norm_a, "g_ver_norm": norm_b}
 
     def state_dict(self):
         return {"mode": self.mode, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
