@@ -194,6 +194,7 @@ def _fused(fn, *args):
         _compiled[fn] = False
         return fn(*args)
 
+
 def _ibp_relu_forward(c, r):
     l, u = (c - r).clamp(min=0), (c + r).clamp(min=0)
     return (u + l) / 2, (u - l) / 2
