@@ -60,10 +60,10 @@ def one(kind, args):
         elif kind in ("ibp", "crown-ibp"):
             certmin.verified_loss(net, x, y, eps, beta=float(kind == "crown-ibp"))[0].backward()
         else:
-            x_adv = certmin.fgsm_rs(net, x, y, eps)
-            loss_adv, fosc, _ = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps)
+            x_adv = certmin.fgsm_rs(net, x, y, eps)  # as train.py: one backward for FOSC and L_adv's gradient
+            loss_adv, fosc, _, grad_adv = certmin.adv_loss_and_fosc(net, x_adv, x, y, eps, params=tg.params)
             loss_ver, _ = certmin.verified_loss(net, x, y, eps)
-            tg.step(loss_adv, loss_ver, fosc=fosc, c_t=0.0256, final=True)
+            tg.step(loss_adv, loss_ver, fosc=fosc, c_t=0.0256, final=True, grad_adv=grad_adv)
         opt.step()
 
     base = rss_gib()
