@@ -460,16 +460,10 @@ def _step_setup(args, variant, seed=0, capture=None):
                             val_split=0, train_n=0, precision=precision, pgd_steps=10, channels_last=cl,
                             clean_n=getattr(args, "clean_n", 0))
     cfg = train.resolve(ns)
-    if dev.type == "cuda":
-        train.set_precision(precision)
-        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic  # as train.py
     torch.manual_seed(seed)
-    model = train.build_model(cfg).to(dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(model, cfg, dev, graphs)
-    tg = certmin.TwoGradient(model.parameters())
-    run_step, tally = train.build_step(model, opt, tg, cfg, dev, train.Dist(dev), graphs, capture=capture)
+    dist = train.Dist(dev)
+    model, opt, tg = train.prepare_training(cfg, dev, dist, graphs)
+    run_step, tally = train.build_step(model, opt, tg, cfg, dev, dist, graphs, capture=capture)
     c, side, _ = cfg["shape"]
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(args.batch, c, side, side, generator=g).to(dev)
@@ -502,7 +496,7 @@ def _step_one(args):
         _sync(args.device)
         windows.append((time.perf_counter() - t) / args.steps)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(args.device).type == "cuda" else rss_gib()
-    captured = [phase for phase, _ in getattr(run_step, "captured", [])]
+    captured = getattr(run_step, "captured", [])
     print(json.dumps({"variant": args.variant, "phase": args.phase, "ms": 1e3 * statistics.median(windows),
                       "windows_ms": [round(1e3 * w, 3) for w in windows], "peak_gib": peak, "captured": captured,
                       "loss_ver_mean": tally.means()["loss_ver"]}))
@@ -702,11 +696,12 @@ def preset(argv):
 def gpu_run(argv):
     """Issue 11 in one command: the step benchmark with the graphs check, then the preset, trained
     with the measured-best flags and verified, inside a time budget. --tiny: the same on the CPU."""
+    import train
     ap = argparse.ArgumentParser(prog="bench.py gpu-run", description=gpu_run.__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="data")
     ap.add_argument("--budget", type=float, default=570, help="seconds for everything")
-    ap.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"], help="for the preset run")
+    ap.add_argument("--precision", default="tf32", choices=train.PRECISIONS, help="for the preset run")
     ap.add_argument("--verify-seconds", type=float, default=75, help="kept back from training for verify.py")
     ap.add_argument("--verify-args", default="--methods ibp",
                     help="verify.py's arguments (default: IBP, as the paper verifies, and PGD-200: about 40 s on the H100)")
@@ -726,7 +721,7 @@ def gpu_run(argv):
         train_args, verify_args = ["--save-every", "50", "--eval-every", "25"], args.verify_args
     step_cmd = [sys.executable, __file__, "train-step", "--device", dev, "--phase", "joint", "--variants", variants,
                 "--check", "--timeout", "90", "--clean-n", "64", "--json", str(out / "bench_step.json"), *step_args]
-    status, _ = _run_logged(step_cmd, out / "bench_step.log", timeout=min(240, args.budget / 3))
+    _run_logged(step_cmd, out / "bench_step.log", timeout=min(240, args.budget / 3))
     try:
         bench = json.loads((out / "bench_step.json").read_text())
     except (OSError, ValueError):
@@ -746,19 +741,13 @@ def gpu_run(argv):
     return preset(preset_argv)
 
 
+SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_report, "train-step": train_step_bench,
+               "preset": preset, "gpu-run": gpu_run}
+
+
 def main():
-    if sys.argv[1:2] == ["study"]:
-        return study(sys.argv[2:])
-    if sys.argv[1:2] == ["verify"]:
-        return verify_bench(sys.argv[2:])
-    if sys.argv[1:2] == ["schedule"]:
-        return schedule_report(sys.argv[2:])
-    if sys.argv[1:2] == ["train-step"]:
-        return train_step_bench(sys.argv[2:])
-    if sys.argv[1:2] == ["preset"]:
-        return preset(sys.argv[2:])
-    if sys.argv[1:2] == ["gpu-run"]:
-        return gpu_run(sys.argv[2:])
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        return SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)

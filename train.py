@@ -277,7 +277,7 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------------
 
 
-# The labels were checked once (setup_data) and every x lies in [0, 1], so the steps skip verified_loss's
+# The labels were checked once (train) and every x lies in [0, 1], so the steps skip verified_loss's
 # input checks (check=False): each would make the host wait for the GPU once per step.
 
 
@@ -411,7 +411,7 @@ class GraphedStep:
     MAX_GRAPHS graphs, and a step that fails to capture warns and stays eager. Eager steps and
     captures run on a side stream, as torch.cuda.graph asks. With capture=False (the CPU, in tests)
     every step is eager but takes the same path, the schedule as tensors; `captured` lists the
-    phases that would have been captured."""
+    phases captured (or, with capture=False, that would have been)."""
     DYNAMIC = ("eps_adv", "eps_ver", "c_t", "lr", "kappa")
     WARMUP, MAX_GRAPHS = 3, 6
     DRY_RUN = False  # tests: allow capture=False through train.py on the CPU
@@ -420,7 +420,7 @@ class GraphedStep:
         self.body, self.structure, self.capture = body, structure, capture
         self.values = {k: torch.zeros((), dtype=torch.float64, device=device) for k in self.DYNAMIC}
         self.x = self.y = None
-        self.graphs, self.seen, self.captured = {}, {}, []
+        self.graphs, self.seen, self.captured = {}, {}, []  # graphs[key]: a graph, or None: stays eager
         self.stream = torch.cuda.Stream(device) if capture else None
 
     def __call__(self, x, y, s):
@@ -428,12 +428,15 @@ class GraphedStep:
             t.fill_(s[k])  # a kernel with the value as its argument: no copy from the host, no wait
         s = {**s, **self.values}
         key = (tuple(sorted((k, v) for k, v in s.items() if k not in self.DYNAMIC)), self.structure())
+        if key in self.graphs and self.graphs[key] is None:
+            return self._eager(x, y, s)
         graph = self.graphs.get(key)
         if graph is None:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= self.WARMUP or len(self.captured) >= self.MAX_GRAPHS or key in self.captured_keys():
+            if self.seen[key] <= self.WARMUP or len(self.graphs) >= self.MAX_GRAPHS:
                 return self._eager(x, y, s)
-            self.captured.append((s["phase"], key))
+            self.captured.append(s["phase"])
+            self.graphs[key] = None
             if not self.capture:
                 return self._eager(x, y, s)
             self.x, self.y = x.clone(), y.clone()
@@ -452,9 +455,6 @@ class GraphedStep:
         self.y.copy_(y)
         graph.replay()
         return {}
-
-    def captured_keys(self):
-        return [key for _, key in self.captured]
 
     def _eager(self, x, y, s):
         if not self.capture:
@@ -508,6 +508,24 @@ def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, ca
     structure = lambda: (tg.was_final, tg.m_a is None, tg.pending is None)  # noqa: E731; what a graph bakes in
     capture = device.type == "cuda" if capture is None else capture
     return GraphedStep(body, device, structure, capture=capture), tally
+
+
+def prepare_training(cfg, device, dist, graphs=False):
+    """(model, optimizer, TwoGradient) on the device, in the memory format and arithmetic that cfg
+    asks for: where train() and bench.py's step benchmark both start."""
+    model = build_model(cfg).to(device)
+    if cfg["channels_last"]:  # NHWC activations: cuDNN's tensor-core kernels need no layout transposes
+        model = model.to(memory_format=torch.channels_last)
+    if dist.world > 1:  # same start on every rank
+        dist.mean_([p.data for p in model.parameters()])
+    if device.type == "cuda":
+        set_precision(cfg["precision"])
+        # the fastest convolution algorithm per shape, chosen once (2% of a step on the H100), unless
+        # deterministic algorithms were asked for
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+    opt = make_optimizer(model, cfg, device, graphs)
+    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
+    return model, opt, tg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,20 +637,12 @@ def train(args):
     cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")  # checkpoints before these options
     cfg.setdefault("channels_last", False)
     cfg.setdefault("clean_n", 0)
-    model = build_model(cfg).to(device)
-    if cfg["channels_last"]:  # NHWC activations: cuDNN's tensor-core kernels need no layout transposes
-        model = model.to(memory_format=torch.channels_last)
-    if dist.world > 1:  # same start on every rank
-        dist.mean_([p.data for p in model.parameters()])
     cuda = device.type == "cuda"
-    if cuda:  # pick the fastest convolution algorithm per shape, once (2% of a step on the H100)
-        torch.backends.cudnn.benchmark = True
     if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
         raise DataError("--cuda-graphs needs a GPU (--device cuda)")
     graphs = (cuda if args.cuda_graphs is None else args.cuda_graphs) and dist.world == 1 and not args.trace
     graphs = graphs and cfg["method"] != "pgd"  # PGD keeps its best points with boolean masks: not capturable
-    opt = make_optimizer(model, cfg, device, graphs)
-    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
+    model, opt, tg = prepare_training(cfg, device, dist, graphs)
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -654,8 +664,6 @@ def train(args):
         raise DataError(f"--batch-size {bs} must be divisible by the number of processes ({dist.world})")
     spe = max(1, len(y_train) // bs)  # steps per epoch (the last partial batch is dropped)
     total = cfg["epochs"] * spe
-    if cuda:
-        set_precision(cfg["precision"])
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{cfg['method']} on {cfg['dataset']} eps {cfg['eps']:.4f} (train {cfg['eps_train']:.4f}), "
