@@ -615,7 +615,8 @@ def fgsm_rs(model, x, y, eps, lo=0.0, hi=1.0):
 
 def pgd(model, x, y, eps, steps=200, step_size=None, restarts=1, lo=0.0, hi=1.0):
     """PGD-k with random starts: signed-gradient ascent on the cross-entropy, projected every step.
-    Returns, per example, the strongest point seen: a misclassified one if any, else the highest loss."""
+    Returns, per example, the strongest point seen: a misclassified one if any, else the highest loss.
+    The bookkeeping is torch.where, not masked assignment, so the device never waits for the host."""
     xl, xu = input_box(x, eps, lo, hi)
     alpha = eps / 40 if step_size is None else step_size
     best, best_loss = x.detach().clone(), torch.full_like(y, -math.inf, dtype=x.dtype)
@@ -626,7 +627,9 @@ def pgd(model, x, y, eps, steps=200, step_size=None, restarts=1, lo=0.0, hi=1.0)
             loss, logits, g = _input_grad(model, xa, y)
             wrong = logits.argmax(1) != y
             better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
-            best[better], best_loss[better], best_wrong[better] = xa[better], loss[better], wrong[better]
+            best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), xa, best)
+            best_loss = torch.where(better, loss.to(best_loss.dtype), best_loss)
+            best_wrong = best_wrong | wrong  # a better point is wrong, or both are right
             if k < steps:
                 xa = torch.min(torch.max(xa + alpha * g.sign(), xl), xu)
     return best

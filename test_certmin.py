@@ -607,6 +607,35 @@ def test_pgd_keeps_the_strongest_point():
     assert F.cross_entropy(net(x_adv), y) > F.cross_entropy(net(fgsm), y)
 
 
+def _pgd_masked(model, x, y, eps, steps, step_size, restarts):
+    """pgd's bookkeeping before it went sync-free (masked assignment): the frozen reference."""
+    xl, xu = certmin.input_box(x, eps)
+    best, best_loss = x.clone(), torch.full_like(y, -math.inf, dtype=x.dtype)
+    best_wrong = torch.zeros_like(y, dtype=torch.bool)
+    for _ in range(restarts):
+        xa = xl + (xu - xl) * torch.rand_like(x)
+        for k in range(steps + 1):
+            loss, logits, g = certmin._input_grad(model, xa, y)
+            wrong = logits.argmax(1) != y
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+            best[better], best_loss[better], best_wrong[better] = xa[better], loss[better], wrong[better]
+            if k < steps:
+                xa = torch.min(torch.max(xa + step_size * g.sign(), xl), xu)
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pgd_without_host_syncs_returns_the_masked_versions_points(dtype):
+    net = small_net().to(dtype)
+    x, y = torch.rand(64, 1, 3, 4, dtype=dtype), torch.randint(0, 4, (64,))
+    torch.manual_seed(5)
+    ours = certmin.pgd(net, x, y, 0.3, steps=15, step_size=0.05, restarts=3)
+    torch.manual_seed(5)
+    ref = _pgd_masked(net, x, y, 0.3, 15, 0.05, 3)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ref, x)  # the attack moved
+
+
 def test_fosc_matches_its_closed_form_and_is_per_example():
     net = small_net()
     x = 0.25 + 0.5 * torch.rand(8, 1, 3, 4)  # away from [0, 1]: no clipping
