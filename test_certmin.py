@@ -1230,6 +1230,18 @@ def test_gpu_run_dry_run_benchmarks_picks_flags_trains_and_verifies(tmp_path):
     assert report["train_status"] == 0 and report["measured"]["n"] == 200
 
 
+def test_gpu_run_skip_bench_trains_with_graphs_and_channels_last_flags(tmp_path):
+    """--skip-bench: no benchmark, the preset straight away with channels_last (and graphs, off on the
+    CPU dry run), verified with PGD searched in TF32."""
+    need_shared()
+    done = run_script(["bench.py", "gpu-run", "--out", str(tmp_path), "--data", str(DATA), "--tiny", "--skip-bench"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert not (tmp_path / "bench_step.json").exists()
+    report = json.loads((tmp_path / "preset" / "preset.json").read_text())
+    assert "--channels-last" in report["train_command"] and "--no-cuda-graphs" in report["train_command"]
+    assert "--pgd-precision tf32" in report["verify_command"] and report["verify_status"] == 0
+
+
 def test_cuda_graphs_without_a_gpu_fail_clearly(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -1332,7 +1344,8 @@ def test_bad_eps_is_refused_clearly(eps, message, capsys):
 def test_help_explains_the_options(capsys):
     for main, options in [(train.main, ["--dataset", "--eps", "--method", "--weights", "--epochs", "--resume",
                                         "--val-split", "--amp", "--data", "torchrun"]),
-                          (verify.main, ["--eps-sweep", "--methods", "--pgd-steps", "--restarts", "--dtype", "--json"])]:
+                          (verify.main, ["--eps-sweep", "--methods", "--pgd-steps", "--restarts", "--pgd-precision", "--seed", "--dtype",
+                                          "--json"])]:
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         out = capsys.readouterr().out
@@ -1400,6 +1413,44 @@ def test_verify_agrees_with_certmin_and_writes_every_field(small_checkpoint, tmp
     assert r["clean_err"] == pytest.approx(clean) and r["verified_err"]["ibp"] == pytest.approx(1 - verified.float().mean().item())
     assert r["pgd_err"] >= r["clean_err"] and r["best_verified_err"] <= min(r["verified_err"].values())
     assert r["best_verified_err"] >= r["pgd_err"]  # every certified example survived PGD
+
+
+def test_verify_pgd_searches_in_bf16_and_judges_in_float32(small_checkpoint, tmp_path, monkeypatch):
+    """--pgd-precision bf16: PGD's passes run under bf16 autocast, every other pass of the model (the
+    clean figure, the judgement of PGD's points, the bounds) in float32; --seed repeats the report."""
+    seen, inside, pgd, watched = [], [False], certmin.pgd, set()
+
+    def spy(model, *a, **kw):  # from PGD's first pass on, record every pass of the model: inside PGD or not
+        if id(model) not in watched:
+            watched.add(id(model))
+            model.register_forward_hook(lambda m, i, o: seen.append((inside[0], o.dtype)))
+        inside[0] = True
+        try:
+            return pgd(model, *a, **kw)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(certmin, "pgd", spy)
+    reports = []
+    for name, precision in [("a", "bf16"), ("b", "bf16"), ("c", "fp32")]:
+        out = tmp_path / f"{name}.json"
+        assert verify.main(verify_args(small_checkpoint, "--eps", "0.02", "--pgd-precision", precision, "--seed", "3",
+                                       "--json", str(out))) == 0
+        reports.append(json.load(open(out)))
+    assert {dt for inner, dt in seen if inner} == {torch.bfloat16, torch.float32}  # bf16 runs, then the fp32 one
+    assert reports[0]["pgd_precision"] == "bf16" and reports[0]["seed"] == 3
+    strip = lambda r: {k: v for k, v in r["rows"][0].items() if k != "seconds"}  # noqa: E731
+    assert strip(reports[0]) == strip(reports[1])  # same seed, same report
+    r = reports[0]["rows"][0]
+    assert r["clean_err"] <= r["pgd_err"] <= r["best_verified_err"] and reports[0]["certified_but_attacked"] == 0
+    ck = train.load_checkpoint(small_checkpoint)
+    model = train.build_model(ck["config"])
+    model.load_state_dict(ck["model"])
+    x, y = mnist_test(200)
+    assert [dt for inner, dt in seen if not inner] == [torch.float32] * 3  # each run judged PGD's points in float32
+    assert not torch.is_autocast_enabled("cpu")
+    with torch.no_grad():
+        clean = (model(x).argmax(1) != y).float().mean().item()
+    assert r["clean_err"] == pytest.approx(clean)
 
 
 def float32_false_certificate():

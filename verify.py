@@ -11,6 +11,7 @@ and counts only if it holds there (--recheck-rel), and the report says how many 
 would be a soundness bug: it is counted, printed, and makes the exit status non-zero.
 """
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -19,7 +20,7 @@ import time
 import torch
 
 import certmin
-from train import DataError, build_model, load_checkpoint, load_data, parse_eps
+from train import PRECISIONS, DataError, build_model, full_precision, load_checkpoint, load_data, parse_eps, set_precision
 
 
 RECHECK_REL = 1e-2  # float32 certificates with a margin below this fraction of their scale are redone in float64
@@ -49,9 +50,19 @@ def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progres
     return verified, int(close.sum()), int((~exact).sum())
 
 
+@contextlib.contextmanager
+def searching_in(precision, device):
+    """The arithmetic PGD searches in (--pgd-precision): fp32, tf32 (TF32 convolutions and matmuls,
+    CUDA only; float32 elsewhere) or bf16 (autocast). Afterwards, and for everything else, float32."""
+    with full_precision(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        set_precision(precision)
+        yield
+
+
 def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device,
-            recheck_rel=RECHECK_REL, alpha_steps=None):
-    """One row of the report for one eps."""
+            recheck_rel=RECHECK_REL, alpha_steps=None, pgd_precision="fp32"):
+    """One row of the report for one eps. PGD searches in pgd_precision; every point it returns is
+    judged in dtype, so the PGD column counts only misclassifications that hold there."""
     n = len(y)
     rechecked = {m: 0 for m in methods}
     refuted = {m: 0 for m in methods}
@@ -67,7 +78,8 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
         with torch.no_grad():
             wrong[sl] = (model(xb).argmax(1) != yb).cpu()
         t = time.time()
-        x_adv = certmin.pgd(model, xb, yb, eps, steps=pgd_steps, step_size=pgd_step_size, restarts=restarts)
+        with searching_in(pgd_precision, device):
+            x_adv = certmin.pgd(model, xb, yb, eps, steps=pgd_steps, step_size=pgd_step_size, restarts=restarts)
         with torch.no_grad():
             attacked[sl] = (model(x_adv).argmax(1) != yb).cpu() | wrong[sl]
         seconds["pgd"] += time.time() - t
@@ -125,6 +137,11 @@ def main(argv=None):
     ap.add_argument("--pgd-steps", type=int, default=200)
     ap.add_argument("--pgd-step-size", default=None, help="default eps/40")
     ap.add_argument("--restarts", type=int, default=1)
+    ap.add_argument("--pgd-precision", default="fp32", choices=PRECISIONS,
+                    help="the arithmetic PGD searches in: fp32 (the default), tf32 (TF32 convolutions and matmuls; "
+                         "CUDA only, float32 elsewhere), bf16 (bf16 autocast). Whatever it finds is judged in "
+                         "--dtype: the PGD column counts only points misclassified there")
+    ap.add_argument("--seed", type=int, default=0, help="seeds PGD's random starts (the same seed, the same report)")
     ap.add_argument("--n", type=int, default=0, help="evaluate the first n test images (default: all)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
@@ -167,12 +184,13 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(False)
     print(f"{args.checkpoint}: {cfg['method']} {cfg['model']} on {cfg['dataset']} (trained for eps {cfg['eps']:.4f}); "
-          f"{len(y)} test images, {args.dtype}, {device}", flush=True)
+          f"{len(y)} test images, {args.dtype}, {device}, PGD searched in {args.pgd_precision}", flush=True)
+    torch.manual_seed(args.seed)
     rows = []
     for eps in eps_list:
         step = step_size if step_size is not None else eps / 40
         rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device,
-                            args.recheck_rel, args.alpha_steps))
+                            args.recheck_rel, args.alpha_steps, args.pgd_precision))
     print(table(rows, methods))
     for r in rows:
         print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
@@ -188,6 +206,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
                        "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
+                       "pgd_precision": args.pgd_precision, "seed": args.seed,
                        "rows": rows, "certified_but_attacked": bad}, f, indent=1)
     return 1 if bad else 0
 
