@@ -522,6 +522,40 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
     return best
 
 
+class _ieee:
+    """Inside: float32 is IEEE float32 whatever the caller set: no autocast, no TF32 (cuDNN's default for
+    float32 convolutions on CUDA), no bf16 inner products (set_float32_matmul_precision("medium") on
+    some CPUs). These keep 7 to 10 of float32's 23 mantissa bits, and a bound computed with them is not
+    a bound of the float32 network: under bf16 autocast, at eps 1e-5, about half the margins of a random
+    DM-small fell outside their bounds. Outside: the caller's settings again."""
+
+    def __init__(self, device_type):
+        self.autocast = torch.autocast(device_type, enabled=False)
+
+    def __enter__(self):
+        self.autocast.__enter__()
+        backends = torch.backends
+        try:  # the switches train.py and most code set
+            self.legacy = torch.get_float32_matmul_precision(), backends.cudnn.allow_tf32
+            torch.set_float32_matmul_precision("highest")
+            backends.cudnn.allow_tf32 = False
+            knobs = [getattr(backends.mkldnn, "conv", None)]  # no legacy switch for this one
+        except RuntimeError:  # the caller set torch's per-operator fp32_precision, which the legacy getters refuse
+            self.legacy = None
+            knobs = [backends.cuda.matmul, backends.cudnn.conv, backends.mkldnn.matmul, backends.mkldnn.conv]
+        self.knobs = [(k, k.fp32_precision) for k in knobs if k is not None and hasattr(k, "fp32_precision")]
+        for k, _ in self.knobs:
+            k.fp32_precision = "ieee"
+
+    def __exit__(self, *exc):
+        for k, was in reversed(self.knobs):
+            k.fp32_precision = was
+        if self.legacy is not None:
+            torch.set_float32_matmul_precision(self.legacy[0])
+            torch.backends.cudnn.allow_tf32 = self.legacy[1]
+        self.autocast.__exit__(*exc)
+
+
 def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
     """Sound (lb, ub) of C f(x) over the box [xl, xu]: (N, S) with C (N, S, classes), else (N, classes).
 
@@ -530,9 +564,14 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     under torch.no_grad() unless you need its gradient) or "alpha-crown" (CROWN, then alpha_steps
     projected Adam steps of rate alpha_lr on the last pass's lower ReLU slopes; never looser than
     CROWN; no gradient). progress(neurons done, neurons in all) is called as full CROWN bounds the
-    hidden layers."""
+    hidden layers. The arithmetic is IEEE float32 or float64 whatever autocast or TF32 the caller set."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    with _ieee(xl.device.type):
+        return _bounds(model, xl, xu, C, method, progress, alpha_steps, alpha_lr)
+
+
+def _bounds(model, xl, xu, C, method, progress, alpha_steps, alpha_lr):
     layers = _layers(model)
     lb, ub, pre, shapes = _ibp(layers, xl, xu, C, record=method != "ibp")
     if method == "ibp":

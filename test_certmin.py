@@ -175,6 +175,61 @@ def test_bounds_are_sound_in_float32(case, eps, method):
     assert_contains(net, xl, xu, C, lb, ub, TOL32)
 
 
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(), st.sampled_from([1e-5, 1e-3, 0.1]), st.sampled_from(certmin.METHODS))
+def test_bounds_ignore_the_callers_autocast_and_reduced_precision(case, eps, method):
+    """Inside bf16 autocast and with bf16 matmuls allowed, bounds() computes exactly what it computes
+    outside (IEEE float32), so its bounds stay sound; the caller's settings are back afterwards."""
+    net, x, y, classes = case
+    net, x = net.float(), x.float()
+    C = certmin.margin_spec(y, classes)
+    xl, xu = certmin.input_box(x, eps)
+    plain = certmin.bounds(net, xl, xu, C, method)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = certmin.bounds(net, xl, xu, C, method)
+            assert torch.is_autocast_enabled("cpu") and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert all(torch.equal(a, b) for a, b in zip(plain, inside))
+    assert_contains(net, xl, xu, C, *inside, TOL32)
+
+
+def test_bounds_switch_off_tf32_and_restore_it(monkeypatch):
+    """Inside bounds(): no TF32 and no bf16, set through the legacy switches or torch's per-operator
+    fp32_precision, whichever the caller used; afterwards exactly the caller's settings."""
+    seen, inner = [], certmin._bounds
+
+    def spy(*a):
+        knobs = [torch.backends.cudnn.conv, torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul]
+        seen.append({getattr(k, "fp32_precision", "ieee") for k in knobs} - {"none"})  # none: IEEE unless a parent says
+        return inner(*a)
+    monkeypatch.setattr(certmin, "_bounds", spy)
+    net, x = small_net(), torch.rand(2, 1, 3, 4)
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("medium")
+        certmin.bounds(net, *certmin.input_box(x, 0.1))
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, "medium")
+        if hasattr(torch.backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
+            assert seen[-1] <= {"ieee"}
+            torch.set_float32_matmul_precision("highest")
+            torch.backends.cudnn.conv.fp32_precision = "ieee"  # now the legacy getters refuse to answer
+            torch.backends.mkldnn.conv.fp32_precision = "bf16"
+            certmin.bounds(net, *certmin.input_box(x, 0.1))
+            assert seen[-1] == {"ieee"}
+            assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.mkldnn.conv.fp32_precision) == ("ieee", "bf16")
+    finally:
+        if hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+            torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's defaults: consistent for the legacy getters
+            torch.backends.mkldnn.conv.fp32_precision = "none"
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    assert len(seen) == 2 or not hasattr(torch.backends.cudnn.conv, "fp32_precision")
+
+
 @PROP
 @given(networks(), st.sampled_from(certmin.METHODS), st.booleans())
 def test_zero_eps_gives_the_forward_output(case, method, with_C):
