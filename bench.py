@@ -497,6 +497,17 @@ def _step_one(args):
         windows.append((time.perf_counter() - t) / args.steps)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.device(args.device).type == "cuda" else rss_gib()
     captured = getattr(run_step, "captured", [])
+    if args.profile:  # where the time goes: the operators of 10 more steps, by their own device (or CPU) time
+        cuda = torch.device(args.device).type == "cuda"
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(10):
+                run_step(x, y, s)
+            _sync(args.device)
+        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / f"profile_{args.variant}.txt").write_text(
+            f"{args.variant}, phase {args.phase}, batch {args.batch}, 10 steps\n{table}\n")
     print(json.dumps({"variant": args.variant, "phase": args.phase, "ms": 1e3 * statistics.median(windows),
                       "windows_ms": [round(1e3 * w, 3) for w in windows], "peak_gib": peak, "captured": captured,
                       "loss_ver_mean": tally.means()["loss_ver"]}))
@@ -548,6 +559,8 @@ def train_step_bench(argv):
     ap.add_argument("--check", action="store_true", help="also run the graphs-vs-eager check (fp32, deterministic)")
     ap.add_argument("--clean-n", type=int, default=0, help="train.py --clean-n")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per variant before it is given up")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile 10 steps of each variant (torch.profiler): DIR/profile_VARIANT.txt, by device time")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check-one", default=None, help=argparse.SUPPRESS)
@@ -560,6 +573,7 @@ def train_step_bench(argv):
         return _step_check(args)
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("dataset", "eps", "model", "batch", "phase", "steps",
                                                                        "windows", "warmup", "device", "clean_n")]
+    common += [f"--profile={args.profile}"] if args.profile else []
     jobs = [("--one", v) for v in args.variants.split(",") if v] + ([("--check-one", "fp32")] if args.check else [])
     rows, check = [], None
     for flag, variant in jobs:

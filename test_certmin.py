@@ -1238,13 +1238,16 @@ def test_bench_train_step_times_variants_and_checks_graphs(tmp_path):
     out = tmp_path / "step.json"
     done = run_script(["bench.py", "train-step", "--device", "cpu", "--model", "dm-small", "--batch", "16", "--steps", "2",
                        "--windows", "1", "--warmup", "4", "--variants", "fp32,fp32+graphs+cl", "--check",
-                       "--json", str(out)])
+                       "--json", str(out), "--profile", str(tmp_path / "prof")])
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["rows"]] == ["fp32", "fp32+graphs+cl"]
     assert all(r["ms"] > 0 for r in report["rows"]) and report["rows"][1]["captured"] == ["joint"]
     assert report["check"]["pass"] and report["check"]["rel_diff_graphs_vs_eager"] == 0.0
     assert "| fp32+graphs+cl |" in done.stdout
+    profiles = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
+    assert set(profiles) == {"profile_fp32.txt", "profile_fp32+graphs+cl.txt"}
+    assert all("aten::convolution" in t and "Self CPU" in t for t in profiles.values())
     bad = run_script(["bench.py", "train-step", "--device", "cpu", "--variants", "fp16", "--steps", "1", "--windows", "1"])
     assert bad.returncode == 1 and "bad variant 'fp16'" in bad.stdout + bad.stderr
 
