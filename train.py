@@ -641,7 +641,9 @@ def train(args):
     if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
         raise DataError("--cuda-graphs needs a GPU (--device cuda)")
     graphs = (cuda if args.cuda_graphs is None else args.cuda_graphs) and dist.world == 1 and not args.trace
-    graphs = graphs and cfg["method"] != "pgd"  # PGD keeps its best points with boolean masks: not capturable
+    # PGD training stays eager: its attack kept its best points with boolean masks (not capturable) until
+    # commit 30d93e9; it is torch.where now, but PGD training has not been tried under graphs on a GPU
+    graphs = graphs and cfg["method"] != "pgd"
     model, opt, tg = prepare_training(cfg, device, dist, graphs)
     if ck is not None:
         model.load_state_dict(ck["model"])
