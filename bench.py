@@ -8,12 +8,14 @@
     python bench.py train-step --device cuda --check           # issue 11: train.py's step per variant, graphs check
     python bench.py preset --out OUT --data D -- --cuda-graphs # issue 11: a preset trained and verified, one folder
     python bench.py gpu-run --out OUT --data D                 # issue 11: both, inside a time budget (--tiny: CPU)
+    python bench.py rounding ../shared/models/*.pth runs/M/last.pt   # float32 vs float64 bounds, against verify.py's recheck
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
 IBP <= 2.4x clean, CROWN-IBP <= 15x clean, AdvIBP <= 5x clean, CROWN-IBP peak memory <= 2.5 GiB.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -763,8 +765,119 @@ def gpu_run(argv):
     return preset(preset_argv)
 
 
+# ---------------------------------------------------------------------------------------------
+# Rounding: how far float32 bounds lie from float64 ones, next to verify.py's recheck threshold.
+# verify.py trusts a float32 certificate whose margin is at least RECHECK_REL of its scale; that is
+# safe only while float32's rounding error is far smaller than that.
+# ---------------------------------------------------------------------------------------------
+
+SHARED_NETS = {  # ../shared/models (their README): layer list and a default eps at which some certify
+    "kw_mnist": (lambda: [torch.nn.Conv2d(1, 16, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 4, 2, 1),
+                          torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(1568, 100), torch.nn.ReLU(),
+                          torch.nn.Linear(100, 10)], "mnist", 0.1),
+    "mnist_a_adv": (lambda: SHARED_NETS["kw_mnist"][0](), "mnist", 0.02),
+    "mnist_cnn_small": (lambda: [torch.nn.Conv2d(1, 8, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 4, 2, 1),
+                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.ReLU(),
+                                 torch.nn.Linear(256, 10)], "mnist", 0.01),
+    "mnist_fc_3layer": (lambda: [torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                 torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)], "mnist", 0.02),
+    "cifar_2c2f": (lambda: [torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(3136, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)],
+                   "cifar", 2 / 255),
+}
+
+
+def load_net(path):
+    """(network in eval mode, dataset, eps) from a train.py checkpoint or one of ../shared/models/*.pth."""
+    path = Path(path)
+    if path.stem in SHARED_NETS:
+        layers, dataset, eps = SHARED_NETS[path.stem]
+        net = torch.nn.Sequential(*layers())
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(dict(zip(net.state_dict(), state.values())))  # their keys follow the layer order
+        return net.eval(), dataset, eps
+    import train
+    ck = train.load_checkpoint(path)
+    net = train.build_model(ck["config"])
+    net.load_state_dict(ck["model"])
+    return net.eval(), ck["config"]["dataset"], ck["config"]["eps"]
+
+
+def rounding_errors(net, x, y, eps, method, batch_size=250):
+    """float32 against float64 lower bounds of the margins on x's eps-boxes. Per example, the error is
+    the largest |lb32 - lb64| over its rows, divided by verify.py's scale (1 + the largest float32
+    |bound| of its rows). Returns (relative errors (N,), certified in float32 (N,), also in float64 (N,))."""
+    net64 = copy.deepcopy(net).double()
+    rel, ok32, ok64 = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            C = certmin.margin_spec(yb, net[-1].out_features)
+            xl, xu = certmin.input_box(xb, eps)
+            lb, ub = certmin.bounds(net, xl, xu, C, method)
+            lb64, _ = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
+            scale = 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values.double()
+            rel.append(((lb.double() - lb64).abs().max(1).values / scale).cpu())
+            ok32.append((lb > 0).all(1).cpu())
+            ok64.append((lb64 > 0).all(1).cpu())
+    return torch.cat(rel), torch.cat(ok32), torch.cat(ok64)
+
+
+def rounding(argv):
+    import verify
+    ap = argparse.ArgumentParser(prog="bench.py rounding", description="How far float32 bounds lie from float64 "
+                                 "ones (IBP, CROWN-IBP, CROWN), relative to the scale verify.py uses, against its "
+                                 f"recheck threshold ({verify.RECHECK_REL}): a float32 certificate with a margin "
+                                 "above that fraction is trusted without a float64 recheck.")
+    ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or ../shared/models/*.pth files")
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--n", type=int, default=1000, help="first n test images (IBP, CROWN-IBP)")
+    ap.add_argument("--crown-n", type=int, default=100, help="first n test images for full CROWN")
+    ap.add_argument("--methods", default="ibp,crown-ibp,crown")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    import train
+    bad = set(args.methods.split(",")) - set(certmin.METHODS)
+    if bad:
+        ap.error(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(certmin.METHODS)}")
+    try:
+        return _rounding(args, train, verify)
+    except train.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _rounding(args, train, verify):
+    dev = torch.device(args.device)
+    nets = [(path, *load_net(path)) for path in args.nets]  # a bad file fails here, before any output
+    rows, data = [], {}
+    print(f"float32 vs float64 lower bounds; {platform.machine()}, torch {torch.__version__}, {dev}\n")
+    print("| network | eps | method | images | max error / scale | median | headroom (threshold / max) "
+          "| certified float32 | refuted in float64 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path, net, dataset, eps in nets:
+        if dataset not in data:
+            data[dataset] = train.load_data(dataset, args.data, download=False)[2:]
+        x, y = data[dataset]
+        for m in args.methods.split(","):
+            n = args.crown_n if m in ("crown", "alpha-crown") else args.n
+            t = time.time()
+            rel, ok32, ok64 = rounding_errors(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps, m)
+            r = {"net": str(path), "eps": eps, "method": m, "n": n, "max_rel": rel.max().item(),
+                 "median_rel": rel.median().item(), "headroom": verify.RECHECK_REL / max(rel.max().item(), 1e-300),
+                 "certified32": int(ok32.sum()), "refuted64": int((ok32 & ~ok64).sum()), "seconds": time.time() - t}
+            rows.append(r)
+            print(f"| {Path(path).stem if Path(path).stem in SHARED_NETS else path} | {eps:.4f} | {m} | {n} | "
+                  f"{r['max_rel']:.1e} | {r['median_rel']:.1e} | {r['headroom']:.0f}x | {r['certified32']} | "
+                  f"{r['refuted64']} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(dev), "torch": torch.__version__,
+                                               "recheck_rel": verify.RECHECK_REL, "rows": rows}, indent=1))
+
+
 SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_report, "train-step": train_step_bench,
-               "preset": preset, "gpu-run": gpu_run}
+               "preset": preset, "gpu-run": gpu_run, "rounding": rounding}
 
 
 def main():

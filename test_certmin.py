@@ -1,5 +1,6 @@
 """Tests of certmin.py: soundness of every bound (property-based), attacks, schedules, the two-gradient
 rule and its distributed form. Real data and weights are read from ../shared (or $CERTMIN_SHARED)."""
+import copy
 import math
 import os
 import re
@@ -536,21 +537,7 @@ def load_shared_model(name):
     need_shared()
     path = SHARED / "models" / name
     assert path.exists(), f"missing {path}: the tests need ../shared beside the checkout"
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    kw = [nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
-          nn.Linear(1568, 100), nn.ReLU(), nn.Linear(100, 10)]
-    nets = {"kw_mnist.pth": kw, "mnist_a_adv.pth": kw,
-            "mnist_cnn_small.pth": [nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(),
-                                    nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)],
-            "mnist_fc_3layer.pth": [nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                                    nn.Linear(64, 10)],
-            "cifar_2c2f.pth": [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
-                               nn.Linear(3136, 32), nn.ReLU(), nn.Linear(32, 10)]}
-    net = nn.Sequential(*nets[name])
-    values = list(state.values())  # named keys (conv1, fc1, ...) follow the layer order too
-    targets = [p for p in net.state_dict()]
-    net.load_state_dict(dict(zip(targets, values)))
-    return net.eval()
+    return bench.load_net(path)[0]  # the architectures of ../shared/models/README.md live in bench.py
 
 
 def mnist_test(n):
@@ -1066,6 +1053,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import bench  # noqa: E402
 import train  # noqa: E402
 import verify  # noqa: E402
 
@@ -1515,7 +1503,6 @@ def test_verify_pgd_searches_in_bf16_and_judges_in_float32(small_checkpoint, tmp
 def float32_false_certificate():
     """A network and box whose IBP margin bound is positive in float32 and not in float64: large weights,
     and the class bias moved so that the exact bound is about -1e-7 of its size."""
-    import copy
     for seed in range(50):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -1542,6 +1529,34 @@ def test_float32_certificates_are_confirmed_in_float64():
     assert verify.certified_exactly(net, xl, xu, C, "ibp") == (torch.tensor([True]), 0, 0)
     verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "ibp", recheck_rel=1.0)
     assert verified.tolist() == [True] and (rechecked, refuted) == (1, 0)
+
+
+# verify.py trusts a float32 certificate whose margin is at least RECHECK_REL of its scale without a
+# float64 recheck. That is sound only while float32's rounding error stays far below that fraction:
+# these tests ask for a factor of 100 at least, on random networks and on real weights.
+ROUNDING_HEADROOM = 100
+
+
+@PROP
+@given(networks(), st.floats(0, 0.5), st.sampled_from(["ibp", "crown-ibp", "crown"]))
+def test_float32_rounding_stays_far_below_the_recheck_threshold(case, eps, method):
+    net64, x, y, classes = case
+    net = copy.deepcopy(net64).float()
+    rel, _, _ = bench.rounding_errors(net, x.float(), y, eps, method)
+    assert rel.max().item() <= verify.RECHECK_REL / ROUNDING_HEADROOM, rel
+
+
+@pytest.mark.parametrize("name", ["kw_mnist.pth", "mnist_a_adv.pth", "mnist_cnn_small.pth", "mnist_fc_3layer.pth",
+                                  "cifar_2c2f.pth"])
+def test_float32_rounding_stays_far_below_the_recheck_threshold_on_real_weights(name):
+    net = load_shared_model(name)
+    _, _, eps = bench.SHARED_NETS[name[:-4]]
+    torch.manual_seed(0)
+    x, y = (torch.rand(40, 3, 32, 32), torch.randint(0, 10, (40,))) if name.startswith("cifar") else mnist_test(40)
+    for method in ("ibp", "crown-ibp", "crown"):
+        rel, ok32, ok64 = bench.rounding_errors(net, x, y, eps, method)
+        assert rel.max().item() <= verify.RECHECK_REL / ROUNDING_HEADROOM, (method, rel.max().item())
+        assert not (ok32 & ~ok64).any(), method
 
 
 def test_verify_alpha_crown_and_crown_on_a_trained_checkpoint(small_checkpoint, tmp_path):
@@ -1604,6 +1619,20 @@ def test_bench_verify_reports_time_and_error_per_method(small_checkpoint, tmp_pa
     assert [row["method"] for row in rows] == ["ibp", "crown"] and all(row["n"] == 12 for row in rows)
     assert all(row["seconds_per_image"] > 0 and 0 <= row["verified_err"] <= 1 for row in rows)
     assert rows[1]["verified_err"] <= rows[0]["verified_err"]  # CROWN certifies what IBP does here, and more
+
+
+def test_bench_rounding_reports_float32_error_per_net_and_method(small_checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    r = run_script(["bench.py", "rounding", str(SHARED / "models" / "kw_mnist.pth"), str(small_checkpoint), "--n", "10",
+                    "--crown-n", "3", "--data", str(DATA), "--json", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(Path(row["net"]).name, row["method"], row["n"]) for row in rows] == [
+        (name, m, n) for name in ("kw_mnist.pth", small_checkpoint.name) for m, n in (("ibp", 10), ("crown-ibp", 10), ("crown", 3))]
+    assert all(0 < row["max_rel"] and row["headroom"] >= ROUNDING_HEADROOM and row["refuted64"] == 0 for row in rows)
+    assert "| kw_mnist | 0.1000 | crown | 3 |" in r.stdout
+    bad = run_script(["bench.py", "rounding", str(tmp_path / "none.pt"), "--data", str(DATA)])
+    assert bad.returncode == 2 and "no checkpoint at" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_bench_schedule_collects_runs_and_reports(small_checkpoint, tmp_path):
