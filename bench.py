@@ -807,6 +807,7 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
     """float32 against float64 lower bounds of the margins on x's eps-boxes. Per example, the error is
     the largest |lb32 - lb64| over its rows, divided by verify.py's scale (1 + the largest float32
     |bound| of its rows). Returns (relative errors (N,), certified in float32 (N,), also in float64 (N,))."""
+    import verify
     net64 = copy.deepcopy(net).double()
     rel, ok32, ok64 = [], [], []
     with torch.no_grad():
@@ -816,7 +817,7 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
             xl, xu = certmin.input_box(xb, eps)
             lb, ub = certmin.bounds(net, xl, xu, C, method)
             lb64, _ = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
-            scale = 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values.double()
+            scale = verify.margin_scale(lb, ub).double()
             rel.append(((lb.double() - lb64).abs().max(1).values / scale).cpu())
             ok32.append((lb > 0).all(1).cpu())
             ok64.append((lb64 > 0).all(1).cpu())

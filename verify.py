@@ -26,6 +26,11 @@ from train import PRECISIONS, DataError, build_model, full_precision, load_check
 RECHECK_REL = 1e-2  # float32 certificates with a margin below this fraction of their scale are redone in float64
 
 
+def margin_scale(lb, ub):
+    """An example's scale: 1 + the largest |bound| of its rows. Rounding is judged against it."""
+    return 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values
+
+
 def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progress=None, alpha_steps=None):
     """(verified (N,), rechecked, refuted): an example counts only if its margin lower bound is positive
     in float64. In float32, every example that float32 certifies with a margin below recheck_rel times
@@ -37,7 +42,7 @@ def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progres
     verified = (lb > 0).all(1)
     if lb.dtype == torch.float64:
         return verified, 0, 0
-    scale = 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values
+    scale = margin_scale(lb, ub)
     close = verified & (lb.min(1).values <= recheck_rel * scale)
     if not bool(close.any()):
         return verified, 0, 0
