@@ -1660,6 +1660,17 @@ def test_bench_schedule_collects_runs_and_reports(small_checkpoint, tmp_path):
     assert f"| advibp seed 0 | 2/2 | {100 * report['clean_err']:.2f} |" in table and "1.9 / 2.87 / 6.6" in table
     missing = run_script(["bench.py", "schedule", str(tmp_path), "--out", str(tmp_path / "x")])
     assert missing.returncode == 2 and "has no log.jsonl" in missing.stderr
+    ablation = tmp_path / "sum"  # the same run, as if trained with --weights sum: named so, no paper figures
+    ablation.mkdir()
+    (ablation / "verify.json").write_text((run / "verify.json").read_text())
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (ablation / "log.jsonl").write_text("".join(json.dumps({**e, "config": {**e["config"], "weights": "sum"}}) + "\n"
+                                                for e in rows))
+    r = run_script(["bench.py", "schedule", str(run), str(ablation), "--out", str(tmp_path / "ab")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "ab.md").read_text()
+    assert "| advibp seed 0 | 2/2 |" in table and "1.9 / 2.87 / 6.6" in table
+    assert "| advibp --weights sum seed 0 | 2/2 |" in table and table.count("1.9 / 2.87 / 6.6") == 1
 
 
 # ---------------------------------------------------------------------------------------------
