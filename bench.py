@@ -844,24 +844,19 @@ def rounding(argv):
     bad = set(args.methods.split(",")) - set(certmin.METHODS)
     if bad:
         ap.error(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(certmin.METHODS)}")
-    try:
-        return _rounding(args, train, verify)
+    dev = torch.device(args.device)
+    try:  # a bad file fails here, before any output
+        nets = [(path, *load_net(path)) for path in args.nets]
+        data = {dataset: train.load_data(dataset, args.data, download=False)[2:] for _, _, dataset, _ in nets}
     except train.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-def _rounding(args, train, verify):
-    dev = torch.device(args.device)
-    nets = [(path, *load_net(path)) for path in args.nets]  # a bad file fails here, before any output
-    rows, data = [], {}
+    rows = []
     print(f"float32 vs float64 lower bounds; {platform.machine()}, torch {torch.__version__}, {dev}\n")
     print("| network | eps | method | images | max error / scale | median | headroom (threshold / max) "
           "| certified float32 | refuted in float64 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path, net, dataset, eps in nets:
-        if dataset not in data:
-            data[dataset] = train.load_data(dataset, args.data, download=False)[2:]
         x, y = data[dataset]
         for m in args.methods.split(","):
             n = args.crown_n if m in ("crown", "alpha-crown") else args.n

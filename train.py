@@ -614,6 +614,14 @@ def setup_data(cfg, args, device):
     return (x_train.to(device), y_train.to(device)), (x_test.to(device), y_test.to(device)), val
 
 
+def complete_config(cfg):
+    """Fill in, in place, the options a checkpoint written before them lacks; returns cfg."""
+    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")
+    cfg.setdefault("channels_last", False)
+    cfg.setdefault("clean_n", 0)
+    return cfg
+
+
 def train(args):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = Dist(device)
@@ -634,9 +642,7 @@ def train(args):
     torch.manual_seed(cfg["seed"])
     (x_train, y_train), (x_test, y_test), val = setup_data(cfg, args, device)
 
-    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")  # checkpoints before these options
-    cfg.setdefault("channels_last", False)
-    cfg.setdefault("clean_n", 0)
+    complete_config(cfg)
     cuda = device.type == "cuda"
     if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
         raise DataError("--cuda-graphs needs a GPU (--device cuda)")

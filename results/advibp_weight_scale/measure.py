@@ -28,21 +28,21 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ck = train.load_checkpoint(args.checkpoint)
-    cfg = {"precision": "fp32", "channels_last": False, "clean_n": 0, **ck["config"]}
-    cfg.pop("amp", None)
+    cfg = train.complete_config(ck["config"])
     dev = torch.device("cpu")
+    dist = train.Dist(dev)
     torch.manual_seed(cfg["seed"])
-    model, opt, tg = train.prepare_training(cfg, dev, train.Dist(dev))
+    model, opt, tg = train.prepare_training(cfg, dev, dist)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     tg.load_state_dict(ck["two_gradient"])
-    run_step, _ = train.build_step(model, opt, tg, cfg, dev, train.Dist(dev))
+    run_step, _ = train.build_step(model, opt, tg, cfg, dev, dist)
     x_train, y_train, x_test, y_test = train.load_data(cfg["dataset"], args.data, download=False)
     xt, yt = x_test[:1000].float() / 255, y_test[:1000]
     bs, spe = cfg["batch_size"], len(y_train) // cfg["batch_size"]
     epoch = cfg["epochs"] - 1  # the run's last epoch: its batches, its schedule
     perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def l_ver(x, y, eps):
         with torch.no_grad():
