@@ -345,7 +345,7 @@ def _verify_one(args):
         xb, yb = x[max(i, 0):max(i, 0) + args.batch_size], y[max(i, 0):max(i, 0) + args.batch_size]
         C = certmin.margin_spec(yb, model[-1].out_features)
         t = time.perf_counter()
-        ok, again, wrong = verify.certified_exactly(model, *certmin.input_box(xb, eps), C, args.verify_one)
+        ok, again, wrong = verify.certified_exactly(model, *certmin.input_box(xb, eps, outward=True), C, args.verify_one)
         if i >= 0:
             seconds += time.perf_counter() - t
             verified.append(ok)
@@ -826,12 +826,33 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
     return torch.cat(rel), torch.cat(ok32), torch.cat(ok64)
 
 
+def sound_ibp_widening(net, x, y, eps, batch_size=250):
+    """certmin.sound_ibp against float64 IBP on x's eps-boxes (rounded outward, as verify.py builds them):
+    per example, the largest lb64 - lb_sound over its rows divided by verify.py's scale, and whether
+    sound_ibp certifies it. Returns (widening (N,), certified (N,))."""
+    import verify
+    net64 = copy.deepcopy(net).double()
+    wide, ok = [], []
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            C = certmin.margin_spec(yb, net[-1].out_features)
+            xl, xu = certmin.input_box(xb, eps, outward=True)
+            lb, _ = certmin.sound_ibp(net, xl, xu, C)
+            lb64, ub64 = certmin.bounds(net64, xl.double(), xu.double(), C.double())
+            wide.append(((lb64 - lb).max(1).values / verify.margin_scale(lb64, ub64)).cpu())
+            ok.append((lb > 0).all(1).cpu())
+    return torch.cat(wide), torch.cat(ok)
+
+
 def rounding(argv):
     import verify
     ap = argparse.ArgumentParser(prog="bench.py rounding", description="How far float32 bounds lie from float64 "
                                  "ones (IBP, CROWN-IBP, CROWN), relative to the scale verify.py uses, against its "
                                  f"recheck threshold ({verify.RECHECK_REL}): a float32 certificate with a margin "
-                                 "above that fraction is trusted without a float64 recheck.")
+                                 "above that fraction is trusted without a float64 recheck. For IBP also what "
+                                 "certmin.sound_ibp (exact-arithmetic bounds, which verify.py uses) certifies, "
+                                 "and by how much it widens float64 IBP.")
     ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or ../shared/models/*.pth files")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--n", type=int, default=1000, help="first n test images (IBP, CROWN-IBP)")
@@ -854,8 +875,8 @@ def rounding(argv):
     rows = []
     print(f"float32 vs float64 lower bounds; {platform.machine()}, torch {torch.__version__}, {dev}\n")
     print("| network | eps | method | images | max error / scale | median | headroom (threshold / max) "
-          "| certified float32 | refuted in float64 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| certified float32 | refuted in float64 | certified by sound_ibp | its widening / scale |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path, net, dataset, eps in nets:
         x, y = data[dataset]
         for m in args.methods.split(","):
@@ -865,10 +886,17 @@ def rounding(argv):
             r = {"net": str(path), "eps": eps, "method": m, "n": n, "max_rel": rel.max().item(),
                  "median_rel": rel.median().item(), "headroom": verify.RECHECK_REL / max(rel.max().item(), 1e-300),
                  "certified32": int(ok32.sum()), "refuted64": int((ok32 & ~ok64).sum()), "seconds": time.time() - t}
+            sound = "– | –"
+            if m == "ibp":  # verify.py certifies IBP with sound_ibp: how many it keeps, and what it costs in margin
+                t = time.time()
+                wide, ok = sound_ibp_widening(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps)
+                r.update(certified_sound=int(ok.sum()), sound_max_widening=wide.max().item(),
+                         sound_seconds=time.time() - t)
+                sound = f"{r['certified_sound']} | {r['sound_max_widening']:.1e}"
             rows.append(r)
             print(f"| {Path(path).stem if Path(path).stem in SHARED_NETS else path} | {eps:.4f} | {m} | {n} | "
                   f"{r['max_rel']:.1e} | {r['median_rel']:.1e} | {r['headroom']:.0f}x | {r['certified32']} | "
-                  f"{r['refuted64']} |", flush=True)
+                  f"{r['refuted64']} | {sound} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(dev), "torch": torch.__version__,
                                                "recheck_rel": verify.RECHECK_REL, "rows": rows}, indent=1))

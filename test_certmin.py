@@ -539,6 +539,164 @@ def test_verified_loss_matches_its_definition():
 
 
 # ----------------------------------------------------------------------------------------------
+# Bounds in exact arithmetic: sound_ibp against IBP in rational numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def exact_ibp(net, xl, xu, C=None):
+    """IBP of one example in exact rational arithmetic (fractions.Fraction), from the float weights as
+    they are: the reference every float bound is judged against. Shares no code with certmin: a Conv2d
+    becomes its dense matrix by probing it, bias-free, with basis vectors in float64 (every entry is one
+    product by 1, exact); Linear, Flatten, ReLU and Normalize are written out."""
+    from fractions import Fraction as Q
+    layers = [layer for m in net for layer in (m if isinstance(m, nn.Sequential) else [m])]
+    shape, lo, hi = xl.shape, [Q(v) for v in xl.flatten().tolist()], [Q(v) for v in xu.flatten().tolist()]
+
+    def affine(rows, bias, lo, hi):  # rows: [(j, w), ...] per output, w != 0
+        return ([b + sum(w * (lo[j] if w > 0 else hi[j]) for j, w in row) for row, b in zip(rows, bias)],
+                [b + sum(w * (hi[j] if w > 0 else lo[j]) for j, w in row) for row, b in zip(rows, bias)])
+
+    def sparse(W):
+        return [[(j, Q(w)) for j, w in enumerate(row) if w != 0] for row in W.tolist()]
+
+    for i, m in enumerate(layers):
+        if isinstance(m, nn.ReLU):
+            lo, hi = [max(v, 0) for v in lo], [max(v, 0) for v in hi]
+        elif isinstance(m, nn.Flatten):
+            shape = (math.prod(shape),)
+        elif isinstance(m, certmin.Normalize):
+            per = math.prod(shape[1:])
+            mean = [Q(v) for v in m.mean.flatten().tolist()]
+            std = [Q(v) for v in m.std.flatten().tolist()]
+            lo = [(v - mean[j // per]) / std[j // per] for j, v in enumerate(lo)]
+            hi = [(v - mean[j // per]) / std[j // per] for j, v in enumerate(hi)]
+        elif isinstance(m, nn.Conv2d):
+            n = math.prod(shape)
+            with torch.no_grad():
+                out = F.conv2d(torch.eye(n, dtype=torch.float64).view(n, *shape), m.weight.double(), None,
+                               m.stride, m.padding, m.dilation, m.groups)
+            shape = out.shape[1:]
+            bias = [Q(0)] * math.prod(shape) if m.bias is None else \
+                [Q(b) for b in m.bias.double().repeat_interleave(math.prod(shape[1:])).tolist()]
+            lo, hi = affine(sparse(out.flatten(1).T), bias, lo, hi)
+        else:  # Linear; with C as the last layer, elided: rows C W and bias C b, exactly
+            rows = [[Q(w) for w in row] for row in m.weight.tolist()]
+            bias = [Q(b) for b in m.bias.tolist()] if m.bias is not None else [Q(0)] * len(rows)
+            if C is not None and i == len(layers) - 1:
+                Cq = [[Q(c) for c in row] for row in C.tolist()]
+                rows = [[sum(c * row[j] for c, row in zip(crow, rows)) for j in range(len(rows[0]))] for crow in Cq]
+                bias = [sum(c * b for c, b in zip(crow, bias)) for crow in Cq]
+                C = None
+            lo, hi = affine([[(j, w) for j, w in enumerate(row) if w != 0] for row in rows], bias, lo, hi)
+            shape = (len(rows),)
+    if C is not None:
+        lo, hi = affine(sparse(C), [Q(0)] * len(C), lo, hi)
+    return lo, hi
+
+
+def assert_encloses_exact(net, xl, xu, C, lb, ub):
+    from fractions import Fraction as Q
+    for k in range(len(xl)):
+        lo, hi = exact_ibp(net, xl[k], xu[k], None if C is None else C[k])
+        assert all(Q(a) <= b for a, b in zip(lb[k].tolist(), lo)), "a lower bound exceeds exact IBP's"
+        assert all(Q(a) >= b for a, b in zip(ub[k].tolist(), hi)), "an upper bound is below exact IBP's"
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(), st.floats(0, 0.3), st.booleans(), st.sampled_from(["float32", "float64"]),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_sound_ibp_encloses_exact_ibp(case, eps, with_C, weights, arithmetic):
+    """sound_ibp holds in exact arithmetic: it contains IBP computed in rationals from the same float
+    weights and box, for float32 and float64 networks, in float32 or float64 arithmetic."""
+    net, x, y, classes = case
+    if weights == "float32":
+        net, x = net.float(), x.float()
+    elif arithmetic == torch.float32:
+        arithmetic = torch.float64  # float32 arithmetic would round float64 weights: refused (tested below)
+    C = certmin.margin_spec(y, classes).to(x.dtype) if with_C else None
+    xl, xu = certmin.input_box(x, eps, outward=True)
+    lb, ub = certmin.sound_ibp(net, xl, xu, C, dtype=arithmetic)
+    assert lb.dtype == ub.dtype == arithmetic and lb.shape == (len(x), classes - 1 if with_C else classes)
+    assert_encloses_exact(net, xl, xu, C, lb, ub)
+
+
+@PROP
+@given(networks(), st.floats(0, 0.3), st.booleans())
+def test_sound_ibp_in_float64_is_ibp_within_rounding(case, eps, with_C):
+    """The widening is a bound on rounding, not slack: within 1e-9 of the scale of float64 IBP."""
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double() if with_C else None
+    xl, xu = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, xl, xu, C)
+    slb, sub = certmin.sound_ibp(net, xl, xu, C)
+    scale = 1 + max(lb.abs().max().item(), ub.abs().max().item())
+    assert (slb <= lb).all() and (sub >= ub).all()
+    assert (lb - slb).max().item() <= 1e-9 * scale and (sub - ub).max().item() <= 1e-9 * scale
+
+
+def test_float32_ibp_is_not_a_bound_in_exact_arithmetic_but_sound_ibp_is():
+    """Why sound_ibp exists: at eps 0, float32 IBP's lower bound is the rounded forward pass, above the
+    exact value about half the time. sound_ibp, from the same float32 numbers, never is."""
+    from fractions import Fraction as Q
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10))
+    x, y = torch.rand(8, 12), torch.randint(0, 10, (8,))
+    C = certmin.margin_spec(y, 10)
+    lb, _ = certmin.bounds(net, x, x, C)
+    slb, sub = certmin.sound_ibp(net, x, x, C)
+    above = 0
+    for k in range(len(x)):
+        lo, _ = exact_ibp(net, x[k], x[k], C[k])
+        above += sum(Q(a) > b for a, b in zip(lb[k].tolist(), lo))
+    assert above > 0, "float32 IBP happened to be exact-sound on every row: the test lost its point"
+    assert_encloses_exact(net, x, x, C, slb, sub)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([torch.float32, torch.float64]))
+def test_sound_ibp_through_normalize_alone_encloses_the_exact_values(seed, dtype):
+    """Normalize's two roundings are covered by the ulps outward alone (no affine layer's slack here)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = certmin.Normalize(torch.rand(2, generator=g).tolist(), (0.1 + torch.rand(2, generator=g)).tolist())
+    net = nn.Sequential(norm, nn.Flatten()).to(dtype)
+    x = torch.rand(3, 2, 4, 4, generator=g).to(dtype)
+    lb, ub = certmin.sound_ibp(net, x, x, dtype=dtype)
+    assert_encloses_exact(net, x, x, None, lb, ub)
+
+
+def test_sound_ibp_refuses_arithmetic_narrower_than_the_weights_and_empty_boxes():
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.rand(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype=torch.float64"):
+        certmin.sound_ibp(net, x, x, dtype=torch.float32)
+    with pytest.raises(ValueError, match="empty"):
+        certmin.sound_ibp(net, x, x - 1)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1), st.sampled_from([torch.float32, torch.float64]))
+def test_outward_input_box_contains_the_real_ball(v, eps, dtype):
+    from fractions import Fraction as Q
+    x = torch.tensor([v], dtype=dtype)
+    xl, xu = certmin.input_box(x, eps, outward=True)
+    xv = Q(x.item())
+    assert Q(xl.item()) <= max(xv - Q(eps), 0) and Q(xu.item()) >= min(xv + Q(eps), 1)
+    assert 0 <= xl.item() <= xu.item() <= 1
+
+
+@pytest.mark.parametrize("name,eps", [("kw_mnist.pth", 0.1), ("mnist_cnn_small.pth", 0.02),
+                                      ("mnist_fc_3layer.pth", 0.02), ("cifar_2c2f.pth", 2 / 255)])
+def test_sound_ibp_encloses_exact_ibp_on_real_weights(name, eps):
+    net = load_shared_model(name)
+    torch.manual_seed(0)
+    x, y = (torch.rand(1, 3, 32, 32), torch.randint(0, 10, (1,))) if name.startswith("cifar") else mnist_test(1)
+    C = certmin.margin_spec(y, 10)
+    xl, xu = certmin.input_box(x, eps, outward=True)
+    lb, ub = certmin.sound_ibp(net, xl, xu, C)
+    assert_encloses_exact(net, xl, xu, C, lb, ub)
+
+
+# ----------------------------------------------------------------------------------------------
 # Real weights and real data
 # ----------------------------------------------------------------------------------------------
 
@@ -1510,9 +1668,9 @@ def test_verify_pgd_searches_in_bf16_and_judges_in_float32(small_checkpoint, tmp
     assert r["clean_err"] == pytest.approx(clean)
 
 
-def float32_false_certificate():
-    """A network and box whose IBP margin bound is positive in float32 and not in float64: large weights,
-    and the class bias moved so that the exact bound is about -1e-7 of its size."""
+def float32_false_certificate(method="ibp"):
+    """A network and box whose margin bound (by method) is positive in float32 and not in float64: large
+    weights, and the class bias moved so that the exact bound is about -1e-7 of its size."""
     for seed in range(50):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -1521,24 +1679,37 @@ def float32_false_certificate():
                 p.mul_(300)
         x, y = torch.rand(1, 1, 4, 4), torch.tensor([0])
         C, (xl, xu) = certmin.margin_spec(y, 2), certmin.input_box(x, 0.01)
-        exact = lambda n: certmin.bounds(copy.deepcopy(n).double(), xl.double(), xu.double(), C.double())[0].item()  # noqa: E731
+        exact = lambda n: certmin.bounds(copy.deepcopy(n).double(), xl.double(), xu.double(), C.double(),  # noqa: E731
+                                         method)[0].item()
         with torch.no_grad():
             net[3].bias[0] -= exact(net) * (1 + 1e-7)
-        if certmin.bounds(net, xl, xu, C)[0].item() > 0 >= exact(net):
+        if certmin.bounds(net, xl, xu, C, method)[0].item() > 0 >= exact(net):
             return net, xl, xu, C
     raise AssertionError("no float32 false certificate among 50 seeds")
 
 
 def test_float32_certificates_are_confirmed_in_float64():
-    net, xl, xu, C = float32_false_certificate()
-    assert (certmin.bounds(net, xl, xu, C)[0] > 0).all()  # float32 alone would certify it
-    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "ibp")
+    net, xl, xu, C = float32_false_certificate("crown-ibp")
+    assert (certmin.bounds(net, xl, xu, C, "crown-ibp")[0] > 0).all()  # float32 alone would certify it
+    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown-ibp")
     assert verified.tolist() == [False] and (rechecked, refuted) == (1, 1)
     with torch.no_grad():  # a comfortable margin is not redone
         net[3].bias[0] += 1000
-    assert verify.certified_exactly(net, xl, xu, C, "ibp") == (torch.tensor([True]), 0, 0)
-    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "ibp", recheck_rel=1.0)
+    assert verify.certified_exactly(net, xl, xu, C, "crown-ibp") == (torch.tensor([True]), 0, 0)
+    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown-ibp", recheck_rel=1.0)
     assert verified.tolist() == [True] and (rechecked, refuted) == (1, 0)
+
+
+def test_ibp_certificates_hold_in_exact_arithmetic_without_a_recheck():
+    """verify.py's IBP certificates come from sound_ibp: float32's false certificate is refused outright,
+    and the exact IBP bound of what it does certify is positive."""
+    from fractions import Fraction as Q
+    net, xl, xu, C = float32_false_certificate("ibp")
+    assert verify.certified_exactly(net, xl, xu, C, "ibp") == (torch.tensor([False]), 0, 0)
+    with torch.no_grad():
+        net[3].bias[0] += 1e-3 * net[3].bias[0].abs() + 1e-3
+    verified, _, _ = verify.certified_exactly(net, xl, xu, C, "ibp")
+    assert verified.tolist() == [True] and exact_ibp(net, xl[0], xu[0], C[0])[0][0] > Q(0)
 
 
 # verify.py trusts a float32 certificate whose margin is at least RECHECK_REL of its scale without a
@@ -1592,8 +1763,9 @@ def test_verify_eps_sweep_gives_one_row_per_eps(small_checkpoint, tmp_path):
 
 def test_verify_reports_certified_but_attacked_examples(small_checkpoint, tmp_path, monkeypatch, capsys):
     """The consistency check can fail: an unsound 'bound' (lb shifted up) must be caught."""
-    real = certmin.bounds
+    real, real_sound = certmin.bounds, certmin.sound_ibp
     monkeypatch.setattr(certmin, "bounds", lambda *a, **k: tuple(b + 100 for b in real(*a, **k)))
+    monkeypatch.setattr(certmin, "sound_ibp", lambda *a, **k: tuple(b + 100 for b in real_sound(*a, **k)))
     out = tmp_path / "bad.json"
     assert verify.main(verify_args(small_checkpoint, "--methods", "ibp", "--json", str(out))) == 1
     assert "SOUNDNESS BUG" in capsys.readouterr().err
