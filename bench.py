@@ -826,10 +826,10 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
     return torch.cat(rel), torch.cat(ok32), torch.cat(ok64)
 
 
-def sound_ibp_widening(net, x, y, eps, batch_size=250):
-    """certmin.sound_ibp against float64 IBP on x's eps-boxes (rounded outward, as verify.py builds them):
+def sound_bounds_widening(net, x, y, eps, method, batch_size=250):
+    """certmin.sound_bounds against float64 bounds on x's eps-boxes (rounded outward, as verify.py builds them):
     per example, the largest lb64 - lb_sound over its rows divided by verify.py's scale, and whether
-    sound_ibp certifies it. Returns (widening (N,), certified (N,))."""
+    sound_bounds certifies it. Returns (widening (N,), certified (N,))."""
     import verify
     net64 = copy.deepcopy(net).double()
     wide, ok = [], []
@@ -838,8 +838,8 @@ def sound_ibp_widening(net, x, y, eps, batch_size=250):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             C = certmin.margin_spec(yb, net[-1].out_features)
             xl, xu = certmin.input_box(xb, eps, outward=True)
-            lb, _ = certmin.sound_ibp(net, xl, xu, C)
-            lb64, ub64 = certmin.bounds(net64, xl.double(), xu.double(), C.double())
+            lb, _ = certmin.sound_bounds(net, xl, xu, C, method)
+            lb64, ub64 = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
             wide.append(((lb64 - lb).max(1).values / verify.margin_scale(lb64, ub64)).cpu())
             ok.append((lb > 0).all(1).cpu())
     return torch.cat(wide), torch.cat(ok)
@@ -850,9 +850,9 @@ def rounding(argv):
     ap = argparse.ArgumentParser(prog="bench.py rounding", description="How far float32 bounds lie from float64 "
                                  "ones (IBP, CROWN-IBP, CROWN), relative to the scale verify.py uses, against its "
                                  f"recheck threshold ({verify.RECHECK_REL}): a float32 certificate with a margin "
-                                 "above that fraction is trusted without a float64 recheck. For IBP also what "
-                                 "certmin.sound_ibp (exact-arithmetic bounds, which verify.py uses) certifies, "
-                                 "and by how much it widens float64 IBP.")
+                                 "above that fraction is trusted without a float64 recheck. For IBP and CROWN-IBP "
+                                 "also what certmin.sound_bounds (exact-arithmetic bounds, which verify.py uses) "
+                                 "certifies, and by how much it widens the float64 bounds.")
     ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or ../shared/models/*.pth files")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--n", type=int, default=1000, help="first n test images (IBP, CROWN-IBP)")
@@ -875,7 +875,7 @@ def rounding(argv):
     rows = []
     print(f"float32 vs float64 lower bounds; {platform.machine()}, torch {torch.__version__}, {dev}\n")
     print("| network | eps | method | images | max error / scale | median | headroom (threshold / max) "
-          "| certified float32 | refuted in float64 | certified by sound_ibp | its widening / scale |")
+          "| certified float32 | refuted in float64 | certified by sound_bounds | its widening / scale |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path, net, dataset, eps in nets:
         x, y = data[dataset]
@@ -887,9 +887,9 @@ def rounding(argv):
                  "median_rel": rel.median().item(), "headroom": verify.RECHECK_REL / max(rel.max().item(), 1e-300),
                  "certified32": int(ok32.sum()), "refuted64": int((ok32 & ~ok64).sum()), "seconds": time.time() - t}
             sound = "– | –"
-            if m == "ibp":  # verify.py certifies IBP with sound_ibp: how many it keeps, and what it costs in margin
+            if m in certmin.SOUND_METHODS:  # verify.py certifies with sound_bounds: what it keeps, what it costs
                 t = time.time()
-                wide, ok = sound_ibp_widening(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps)
+                wide, ok = sound_bounds_widening(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps, m)
                 r.update(certified_sound=int(ok.sum()), sound_max_widening=wide.max().item(),
                          sound_seconds=time.time() - t)
                 sound = f"{r['certified_sound']} | {r['sound_max_widening']:.1e}"

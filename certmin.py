@@ -8,7 +8,7 @@ Sections, top to bottom:
   1. models       Normalize and the DeepMind DM-small / medium / large builders
   2. boxes        input_box, margin_spec
   3. bounds       IBP, CROWN-IBP and CROWN for Sequential Linear/Conv2d/ReLU/Flatten/Normalize nets;
-                 sound_ibp, IBP whose bounds hold in exact arithmetic (for certificates)
+                 sound_bounds, IBP and CROWN-IBP bounds that hold in exact arithmetic (for certificates)
   4. losses       verified_loss
   5. attacks      fgsm_rs, pgd, fosc
   6. schedules    smooth_ramp, linear_ramp
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Normalize", "dm_small", "dm_medium", "dm_large", "input_box", "margin_spec", "bounds",
-           "sound_ibp", "verified_loss", "fgsm_rs", "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp",
+           "sound_bounds", "verified_loss", "fgsm_rs", "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp",
            "linear_ramp", "TwoGradient"]
 
 # ----------------------------------------------------------------------------------------------
@@ -612,8 +612,8 @@ def margin_lower(model, xl, xu, C, beta=0.0, check=True):
 
 # ----------------------------------------------------------------------------------------------
 # 3b. Bounds that hold in exact arithmetic. A bound computed in floats is a bound of neither the float
-#     nor the real network until its rounding is accounted for. sound_ibp is IBP with every rounding
-#     bounded and added outward: an inner product of n terms computed in floats, in any order, with
+#     nor the real network until its rounding is accounted for. sound_bounds is IBP (or CROWN-IBP) with
+#     every rounding bounded and added outward: an inner product of n terms computed in floats, in any order, with
 #     or without FMA, errs by at most gamma_n = n u / (1 - n u) times the inner product of the absolute
 #     values (u: the unit roundoff; Higham, Accuracy and Stability of Numerical Algorithms, 2002,
 #     section 3.1); a single rounding to nearest errs by half an ulp, so one ulp outward covers it.
@@ -682,47 +682,147 @@ def _sound_affine(lo, hi, n, f, W, b, extra=None):
     return _down(cw - R), _up(cw + R)
 
 
-def sound_ibp(model, xl, xu, C=None, dtype=torch.float64):
-    """IBP bounds (lb, ub) of C f(x) over [xl, xu] (as bounds() returns them, in dtype) that hold in exact
-    arithmetic: for every real x in the box, the real network with these weights lies inside. They are
-    IBP's bounds widened by a bound on every rounding. That a priori bound is pessimistic (it assumes
-    every rounding errs the same way, by the most it can), so the arithmetic is float64 by default, where
-    it is about 1e-12 of the margins' scale; in float32 it reaches 0.3-0.5% of the scale on a trained
-    DM-small and costs certificates. The weights and box convert exactly into a dtype at least as wide
-    as theirs. Convolutions run as unfold and a matrix product. For certificates; no gradient."""
+SOUND_METHODS = ("ibp", "crown-ibp")
+SOUND_BUDGET = 2 ** 26  # elements of the largest unfolded tensor in sound CROWN-IBP's backward pass (512 MB)
+
+
+def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64):
+    """Bounds (lb, ub) of C f(x) over [xl, xu] (as bounds() returns them, in dtype) that hold in exact
+    arithmetic: for every real x in the box, the real network with these weights lies inside. method
+    "ibp" or "crown-ibp"; the bounds are the method's, widened by a bound on every rounding. That a
+    priori bound is pessimistic (it assumes every rounding errs the same way, by the most it can), so
+    the arithmetic is float64 by default, where it is about 1e-11 of the margins' scale; in float32 it
+    reaches 0.3-0.5% of the scale on a trained DM-small and costs certificates. The weights and box
+    convert exactly into a dtype at least as wide as theirs. Convolutions run as unfold (fold, backward)
+    and a matrix product. For certificates; no gradient."""
+    if method not in SOUND_METHODS:
+        raise ValueError(f"sound_bounds has no method {method!r}; choose one of {', '.join(SOUND_METHODS)}")
     layers = _layers(model)
     if not bool((xl <= xu).all()):
         raise ValueError("the input box is empty somewhere (xl > xu); build it with certmin.input_box")
     narrow = [t.dtype for t in (xl, xu, *model.parameters(), *model.buffers()) if t.is_floating_point()
               and torch.finfo(t.dtype).eps < torch.finfo(dtype).eps]
     if narrow:
-        raise ValueError(f"sound_ibp in {dtype} would round values of type {narrow[0]}; use dtype=torch.float64")
+        raise ValueError(f"sound_bounds in {dtype} would round values of type {narrow[0]}; use dtype=torch.float64")
     lo, hi = xl.to(dtype), xu.to(dtype)
+    boxes = []  # the box of every layer's input
     with _ieee(xl.device.type), torch.no_grad():
         for i, m in enumerate(layers):
-            if isinstance(m, nn.ReLU):
-                lo, hi = lo.clamp(min=0), hi.clamp(min=0)
-            elif isinstance(m, nn.Flatten):
-                lo, hi = lo.flatten(1), hi.flatten(1)
-            elif isinstance(m, Normalize):  # std > 0: monotone; two roundings, each within half an ulp of
-                mean, std = m.mean.to(dtype), m.std.to(dtype)  # the result, so three ulps cover both
-                lo, hi = (lo - mean) / std, (hi - mean) / std
-                for _ in range(3):
-                    lo, hi = _down(lo), _up(hi)
-            elif isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1:
-                # elision: C W x + C b. W' = C W and C b are computed too; their rounding errs by at most
-                # gamma_k |C| (|W| |x| + |b|), with |x| <= max(|lo|, |hi|), k = classes
-                C, W, b = C.to(dtype), m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)
-                xabs = torch.maximum(lo.abs(), hi.abs()).unsqueeze(-1)
-                inner = W.abs() @ xabs + (0 if b is None else b.abs().unsqueeze(-1))
-                extra = _gamma(C.shape[-1], dtype) * (C.abs() @ inner).squeeze(-1)
-                return _sound_affine(lo, hi, m.in_features, _per_example, C @ W, None if b is None else C @ b, extra)
-            else:
-                lo, hi = _sound_affine(lo, hi, *_affine_parts(m), m.weight.to(dtype),
-                                       None if m.bias is None else m.bias.to(dtype))
+            boxes.append((lo, hi))
+            if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1 and method == "ibp":
+                return _sound_elided(m, lo, hi, C.to(dtype))
+            lo, hi = _sound_step(m, lo, hi)
+        if method == "crown-ibp":  # in chunks of examples: a convolution's unfolded A is kernel-size times A
+            rows = 2 * (len(lo[0]) if C is None else C.shape[1])
+            per_example = rows * max(box[0][0].numel() * (m.weight[0].numel() if isinstance(m, nn.Conv2d) else 1)
+                                     for m, box in zip(layers, boxes))
+            n = max(1, SOUND_BUDGET // per_example)
+            parts = [_sound_crown(layers, [(l[j:j + n], u[j:j + n]) for l, u in boxes],
+                                  None if C is None else C[j:j + n], len(lo[0])) for j in range(0, len(lo), n)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if C is not None:  # the last layer is not Linear: C is one more affine map, with no bias
             lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C.to(dtype), None)
     return lo, hi
+
+
+def _w(m, dtype):
+    return m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)
+
+
+def _sound_step(m, lo, hi):
+    """The box after layer m, containing the exact image of [lo, hi]."""
+    if isinstance(m, nn.ReLU):
+        return lo.clamp(min=0), hi.clamp(min=0)
+    if isinstance(m, nn.Flatten):
+        return lo.flatten(1), hi.flatten(1)
+    if isinstance(m, Normalize):  # std > 0: monotone; two roundings, each within half an ulp of the
+        mean, std = m.mean.to(lo.dtype), m.std.to(lo.dtype)  # result, so three ulps outward cover both
+        lo, hi = (lo - mean) / std, (hi - mean) / std
+        for _ in range(3):
+            lo, hi = _down(lo), _up(hi)
+        return lo, hi
+    return _sound_affine(lo, hi, *_affine_parts(m), *_w(m, lo.dtype))
+
+
+def _sound_elided(m, lo, hi, C):
+    """IBP's last layer with C folded in: C W x + C b. W' = C W and C b are computed too; their rounding
+    errs by at most gamma_k |C| (|W| |x| + |b|), with |x| <= max(|lo|, |hi|), k = classes."""
+    W, b = _w(m, lo.dtype)
+    xabs = torch.maximum(lo.abs(), hi.abs()).unsqueeze(-1)
+    inner = W.abs() @ xabs + (0 if b is None else b.abs().unsqueeze(-1))
+    extra = _gamma(C.shape[-1], lo.dtype) * (C.abs() @ inner).squeeze(-1)
+    return _sound_affine(lo, hi, m.in_features, _per_example, C @ W, None if b is None else C @ b, extra)
+
+
+def _dot(A, v):
+    """(N, R) inner products of A's rows (N, R, *shape) with v (N or 1, *shape), per example."""
+    v = v.expand(len(A), *A.shape[2:])
+    return (A.flatten(2) @ v.flatten(1).unsqueeze(-1)).squeeze(-1)
+
+
+def _sound_back(m, A, shape):
+    """(A W, n): A (N, R, *output shape) times a Linear or Conv2d layer's weight, back to its input shape,
+    as a matrix product (and fold, which sums the overlapping patches); n terms per entry at most."""
+    W = m.weight.to(A.dtype)
+    if isinstance(m, nn.Linear):
+        return A @ W, m.out_features
+    N, R, G = *A.shape[:2], m.groups
+    o, n = W.shape[0] // G, W[0].numel()
+    cols = W.reshape(G, o, n).transpose(1, 2) @ A.reshape(N * R, G, o, -1)  # (N R, G, n, L)
+    out = F.fold(cols.flatten(1, 2), shape[-2:], m.kernel_size, m.dilation, m.padding, m.stride)
+    return out.view(N, R, *shape), o * math.prod(m.kernel_size)
+
+
+def _sound_crown(layers, boxes, C, classes):
+    """CROWN-IBP's last pass, backward, with its rounding charged. Invariant: for every x in the box,
+    C f(x) >= A . h + sum(terms) - sum(charge), with h the exact input of the layer reached, A exactly
+    the floats held, and every rounding of a product or sum bounded against the boxes of h."""
+    lo = boxes[0][0]
+    N, dtype = len(lo), lo.dtype
+    if C is None:
+        C = torch.eye(classes, dtype=dtype, device=lo.device).expand(N, -1, -1)
+    A = torch.cat([C, -C], 1).to(dtype)  # upper bounds are lower bounds of -C f
+    terms, charge = [], []
+    for i in range(len(layers) - 1, -1, -1):
+        m, (lo, hi) = layers[i], boxes[i]
+        n, hmax = lo[0].numel(), torch.maximum(lo.abs(), hi.abs())
+        if isinstance(m, nn.ReLU):
+            active, unstable = lo >= 0, (lo < 0) & (hi > 0)
+            s = torch.where(unstable, hi / torch.where(unstable, hi - lo, 1), active.to(dtype))
+            # any slope s with t >= -s lo and t >= hi - s hi makes s z + t >= relu(z) on [lo, hi] (relu is
+            # convex): the chord's slope as rounded, and t rounded up; the lower slope is 0 or 1 (_relax)
+            t = torch.where(unstable, torch.maximum(_up(-s * lo), _up(hi - _down(s * hi))), 0)
+            d_l = torch.where(unstable, (hi > -lo).to(dtype), active.to(dtype))
+            neg = A.clamp(max=0)
+            A = A * torch.where(A < 0, s.unsqueeze(1), d_l.unsqueeze(1))  # a product by s rounds, by 0 or 1 not
+            terms.append(_dot(neg, t))
+            charge.append(_gamma(n, dtype) * (_dot(neg.abs(), t) + _dot(A.abs(), hmax)))
+        elif isinstance(m, nn.Flatten):
+            A = A.reshape(*A.shape[:2], *lo.shape[1:])
+        elif isinstance(m, Normalize):  # A . (h - mean) / std = (A / std) . h - A . (mean / std)
+            q = (m.mean.to(dtype) / m.std.to(dtype)).expand_as(lo[:1])  # rounded, as is A / std: charged
+            terms.append(-_dot(A, q))
+            A, A_out = A / m.std.to(dtype), A
+            charge.append(_gamma(n, dtype) * (_dot(A.abs(), hmax) + _dot(A_out.abs(), q.abs())))
+        else:  # Linear, Conv2d: A . (W h + b) = (A W) . h + A . b
+            W, b = _w(m, dtype)
+            size = _affine_parts(m)[1](hmax.unsqueeze(0), W.abs(), None)[0]  # |W| max|h|, then + |b|
+            if b is not None:
+                bias = b.view(-1, *[1] * (A.dim() - 3)).expand(A.shape[2:]).unsqueeze(0)
+                terms.append(_dot(A, bias))
+                size = size + bias.abs()
+            A_in, k = _sound_back(m, A, lo.shape[1:])  # A W rounds by gamma_k |A| |W| |h|, A . b by gamma |A| |b|
+            charge.append(_gamma(max(k, A[0, 0].numel()), dtype) * _dot(A.abs(), size))
+            A = A_in
+    c, r = _enclose(*boxes[0])  # the minimum over the input box: A c - |A| r
+    terms += [_dot(A, c), -_dot(A.abs(), r)]
+    charge.append(_gamma(c[0].numel(), dtype) * _dot(A.abs(), c.abs() + r))
+    terms, charge = torch.stack(terms), torch.stack(charge)
+    # summing K terms errs by gamma_K times the sum of their sizes; the charges carry their own room
+    err = charge.sum(0) + _gamma(len(terms), dtype) * terms.abs().sum(0)
+    lb = _down(terms.sum(0) - err)
+    S = C.shape[1]
+    return lb[:, :S], -lb[:, S:]
 
 
 # ----------------------------------------------------------------------------------------------

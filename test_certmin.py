@@ -539,7 +539,7 @@ def test_verified_loss_matches_its_definition():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bounds in exact arithmetic: sound_ibp against IBP in rational numbers
+# Bounds in exact arithmetic: sound_bounds against IBP in rational numbers
 # ----------------------------------------------------------------------------------------------
 
 
@@ -606,8 +606,8 @@ def assert_encloses_exact(net, xl, xu, C, lb, ub):
 @given(networks(), st.floats(0, 0.3), st.booleans(), st.sampled_from(["float32", "float64"]),
        st.sampled_from([torch.float32, torch.float64]))
 def test_sound_ibp_encloses_exact_ibp(case, eps, with_C, weights, arithmetic):
-    """sound_ibp holds in exact arithmetic: it contains IBP computed in rationals from the same float
-    weights and box, for float32 and float64 networks, in float32 or float64 arithmetic."""
+    """sound_bounds' IBP holds in exact arithmetic: it contains IBP computed in rationals from the same
+    float weights and box, for float32 and float64 networks, in float32 or float64 arithmetic."""
     net, x, y, classes = case
     if weights == "float32":
         net, x = net.float(), x.float()
@@ -615,62 +615,116 @@ def test_sound_ibp_encloses_exact_ibp(case, eps, with_C, weights, arithmetic):
         arithmetic = torch.float64  # float32 arithmetic would round float64 weights: refused (tested below)
     C = certmin.margin_spec(y, classes).to(x.dtype) if with_C else None
     xl, xu = certmin.input_box(x, eps, outward=True)
-    lb, ub = certmin.sound_ibp(net, xl, xu, C, dtype=arithmetic)
+    lb, ub = certmin.sound_bounds(net, xl, xu, C, dtype=arithmetic)
     assert lb.dtype == ub.dtype == arithmetic and lb.shape == (len(x), classes - 1 if with_C else classes)
     assert_encloses_exact(net, xl, xu, C, lb, ub)
 
 
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(), st.sampled_from([0.0, 1e-6, 0.01, 0.1]), st.booleans(), st.sampled_from(["float32", "float64"]),
+       st.sampled_from(certmin.SOUND_METHODS))
+def test_sound_bounds_contain_the_exact_outputs_at_points(case, eps, with_C, weights, method):
+    """Every sampled or attacked point's output, computed in rationals, lies within sound_bounds. At eps 0
+    the bounds are the output itself up to rounding, so a rounding left uncharged shows here."""
+    from fractions import Fraction as Q
+    net, x, y, classes = case
+    if weights == "float32":
+        net, x = net.float(), x.float()
+    C = certmin.margin_spec(y, classes).to(x.dtype) if with_C else None
+    xl, xu = certmin.input_box(x, eps, outward=True)
+    lb, ub = certmin.sound_bounds(net, xl, xu, C, method)
+    pts = torch.cat([x.unsqueeze(1), sample_points(net, xl, xu, C, n=3)], 1)
+    pts = torch.min(torch.max(pts, xl.unsqueeze(1)), xu.unsqueeze(1))
+    for k in range(len(x)):
+        for p in pts[k]:
+            out, _ = exact_ibp(net, p, p, None if C is None else C[k])
+            assert all(Q(a) <= v for a, v in zip(lb[k].tolist(), out)), "a lower bound exceeds an exact output"
+            assert all(Q(a) >= v for a, v in zip(ub[k].tolist(), out)), "an upper bound is below an exact output"
+
+
 @PROP
-@given(networks(), st.floats(0, 0.3), st.booleans())
-def test_sound_ibp_in_float64_is_ibp_within_rounding(case, eps, with_C):
-    """The widening is a bound on rounding, not slack: within 1e-9 of the scale of float64 IBP."""
+@given(networks(), st.floats(0, 0.3), st.booleans(), st.sampled_from(certmin.SOUND_METHODS))
+def test_sound_bounds_in_float64_are_the_methods_within_rounding(case, eps, with_C, method):
+    """The widening is a bound on rounding, not slack: within 1e-9 of the scale of float64 bounds()."""
     net, x, y, classes = case
     C = certmin.margin_spec(y, classes).double() if with_C else None
     xl, xu = certmin.input_box(x, eps)
-    lb, ub = certmin.bounds(net, xl, xu, C)
-    slb, sub = certmin.sound_ibp(net, xl, xu, C)
+    lb, ub = certmin.bounds(net, xl, xu, C, method)
+    slb, sub = certmin.sound_bounds(net, xl, xu, C, method)
     scale = 1 + max(lb.abs().max().item(), ub.abs().max().item())
     assert (slb <= lb).all() and (sub >= ub).all()
     assert (lb - slb).max().item() <= 1e-9 * scale and (sub - ub).max().item() <= 1e-9 * scale
 
 
-def test_float32_ibp_is_not_a_bound_in_exact_arithmetic_but_sound_ibp_is():
-    """Why sound_ibp exists: at eps 0, float32 IBP's lower bound is the rounded forward pass, above the
-    exact value about half the time. sound_ibp, from the same float32 numbers, never is."""
+@settings(max_examples=examples(60), deadline=None)
+@given(st.floats(0.1, 10), st.floats(0.1, 1), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from(certmin.SOUND_METHODS))
+def test_sound_bounds_charge_cancellation_in_a_product(a, v, dtype, method):
+    """f(x) = 3 a x - fl(3 a) x: every float product of the weights cancels to 0, the exact function
+    does not. Only the charge for the rounding of that product (not the output's size) covers it."""
+    from fractions import Fraction as Q
+    net = nn.Sequential(nn.Linear(1, 2, bias=False), nn.Linear(2, 1, bias=False)).to(dtype)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[a], [1.0]], dtype=dtype))
+        net[1].weight.copy_(torch.tensor([[3.0, -(3 * torch.tensor(a, dtype=dtype)).item()]], dtype=dtype))
+    x = torch.tensor([[v]], dtype=dtype)
+    lb, ub = certmin.sound_bounds(net, x, x, None, method)
+    exact = (3 * Q(net[0].weight[0, 0].item()) + Q(net[1].weight[0, 1].item())) * Q(x.item())
+    assert Q(lb.item()) <= exact <= Q(ub.item())
+
+
+@pytest.mark.parametrize("method", certmin.SOUND_METHODS)
+def test_float32_bounds_are_not_bounds_in_exact_arithmetic_but_sound_bounds_are(method):
+    """Why sound_bounds exists: at eps 0, float32 IBP's and CROWN-IBP's lower bound is the rounded
+    forward pass, above the exact value about half the time. sound_bounds, from the same float32
+    numbers, never is."""
     from fractions import Fraction as Q
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10))
     x, y = torch.rand(8, 12), torch.randint(0, 10, (8,))
     C = certmin.margin_spec(y, 10)
-    lb, _ = certmin.bounds(net, x, x, C)
-    slb, sub = certmin.sound_ibp(net, x, x, C)
+    lb, _ = certmin.bounds(net, x, x, C, method)
+    slb, sub = certmin.sound_bounds(net, x, x, C, method)
     above = 0
     for k in range(len(x)):
-        lo, _ = exact_ibp(net, x[k], x[k], C[k])
+        lo, _ = exact_ibp(net, x[k], x[k], C[k])  # the exact margins at x
         above += sum(Q(a) > b for a, b in zip(lb[k].tolist(), lo))
-    assert above > 0, "float32 IBP happened to be exact-sound on every row: the test lost its point"
+    assert above > 0, "float32 bounds happened to be exact-sound on every row: the test lost its point"
     assert_encloses_exact(net, x, x, C, slb, sub)
 
 
 @settings(max_examples=examples(40), deadline=None)
 @given(st.integers(0, 2 ** 31 - 1), st.sampled_from([torch.float32, torch.float64]))
-def test_sound_ibp_through_normalize_alone_encloses_the_exact_values(seed, dtype):
+def test_sound_bounds_through_normalize_alone_encloses_the_exact_values(seed, dtype):
     """Normalize's two roundings are covered by the ulps outward alone (no affine layer's slack here)."""
     g = torch.Generator().manual_seed(seed)
     norm = certmin.Normalize(torch.rand(2, generator=g).tolist(), (0.1 + torch.rand(2, generator=g)).tolist())
     net = nn.Sequential(norm, nn.Flatten()).to(dtype)
     x = torch.rand(3, 2, 4, 4, generator=g).to(dtype)
-    lb, ub = certmin.sound_ibp(net, x, x, dtype=dtype)
+    lb, ub = certmin.sound_bounds(net, x, x, dtype=dtype)
     assert_encloses_exact(net, x, x, None, lb, ub)
 
 
-def test_sound_ibp_refuses_arithmetic_narrower_than_the_weights_and_empty_boxes():
+def test_sound_crown_ibp_in_chunks_of_examples_gives_the_same_bounds_up_to_rounding(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).double()
+    x, y = torch.rand(7, 1, 6, 6, dtype=torch.float64), torch.randint(0, 10, (7,))
+    C, box = certmin.margin_spec(y, 10).double(), certmin.input_box(x, 0.05, outward=True)
+    whole = certmin.sound_bounds(net, *box, C, "crown-ibp")
+    monkeypatch.setattr(certmin, "SOUND_BUDGET", 1)  # one example at a time
+    for a, b in zip(whole, certmin.sound_bounds(net, *box, C, "crown-ibp")):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_sound_bounds_refuses_arithmetic_narrower_than_the_weights_and_empty_boxes():
     net = nn.Sequential(nn.Linear(3, 2)).double()
     x = torch.rand(1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype=torch.float64"):
-        certmin.sound_ibp(net, x, x, dtype=torch.float32)
+        certmin.sound_bounds(net, x, x, dtype=torch.float32)
     with pytest.raises(ValueError, match="empty"):
-        certmin.sound_ibp(net, x, x - 1)
+        certmin.sound_bounds(net, x, x - 1)
+    with pytest.raises(ValueError, match="crown-ibp"):
+        certmin.sound_bounds(net, x, x, method="crown")
 
 
 @settings(max_examples=examples(200), deadline=None)
@@ -686,14 +740,22 @@ def test_outward_input_box_contains_the_real_ball(v, eps, dtype):
 
 @pytest.mark.parametrize("name,eps", [("kw_mnist.pth", 0.1), ("mnist_cnn_small.pth", 0.02),
                                       ("mnist_fc_3layer.pth", 0.02), ("cifar_2c2f.pth", 2 / 255)])
-def test_sound_ibp_encloses_exact_ibp_on_real_weights(name, eps):
+def test_sound_bounds_hold_in_exact_arithmetic_on_real_weights(name, eps):
+    """IBP: contains IBP in rationals. CROWN-IBP: contains the rational outputs at the image, at two box
+    corners and at eps 0 (where rounding is all that separates the bounds from the output)."""
+    from fractions import Fraction as Q
     net = load_shared_model(name)
     torch.manual_seed(0)
     x, y = (torch.rand(1, 3, 32, 32), torch.randint(0, 10, (1,))) if name.startswith("cifar") else mnist_test(1)
     C = certmin.margin_spec(y, 10)
     xl, xu = certmin.input_box(x, eps, outward=True)
-    lb, ub = certmin.sound_ibp(net, xl, xu, C)
-    assert_encloses_exact(net, xl, xu, C, lb, ub)
+    assert_encloses_exact(net, xl, xu, C, *certmin.sound_bounds(net, xl, xu, C))
+    lb, ub = certmin.sound_bounds(net, xl, xu, C, "crown-ibp")
+    lb0, ub0 = certmin.sound_bounds(net, x, x, C, "crown-ibp")
+    corners = torch.where(torch.rand(2, *x.shape[1:]) < 0.5, xl, xu)
+    for p, lo, hi in [(x[0], lb0, ub0), (x[0], lb, ub), (corners[0], lb, ub), (corners[1], lb, ub)]:
+        out, _ = exact_ibp(net, p, p, C[0])
+        assert all(Q(a) <= v <= Q(b) for a, b, v in zip(lo[0].tolist(), hi[0].tolist(), out))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1689,27 +1751,29 @@ def float32_false_certificate(method="ibp"):
 
 
 def test_float32_certificates_are_confirmed_in_float64():
-    net, xl, xu, C = float32_false_certificate("crown-ibp")
-    assert (certmin.bounds(net, xl, xu, C, "crown-ibp")[0] > 0).all()  # float32 alone would certify it
-    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown-ibp")
+    net, xl, xu, C = float32_false_certificate("crown")
+    assert (certmin.bounds(net, xl, xu, C, "crown")[0] > 0).all()  # float32 alone would certify it
+    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown")
     assert verified.tolist() == [False] and (rechecked, refuted) == (1, 1)
     with torch.no_grad():  # a comfortable margin is not redone
         net[3].bias[0] += 1000
-    assert verify.certified_exactly(net, xl, xu, C, "crown-ibp") == (torch.tensor([True]), 0, 0)
-    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown-ibp", recheck_rel=1.0)
+    assert verify.certified_exactly(net, xl, xu, C, "crown") == (torch.tensor([True]), 0, 0)
+    verified, rechecked, refuted = verify.certified_exactly(net, xl, xu, C, "crown", recheck_rel=1.0)
     assert verified.tolist() == [True] and (rechecked, refuted) == (1, 0)
 
 
-def test_ibp_certificates_hold_in_exact_arithmetic_without_a_recheck():
-    """verify.py's IBP certificates come from sound_ibp: float32's false certificate is refused outright,
-    and the exact IBP bound of what it does certify is positive."""
+@pytest.mark.parametrize("method", certmin.SOUND_METHODS)
+def test_ibp_and_crown_ibp_certificates_hold_in_exact_arithmetic_without_a_recheck(method):
+    """verify.py's IBP and CROWN-IBP certificates come from sound_bounds: float32's false certificate is
+    refused outright; with a comfortable margin it certifies, and (IBP) the exact bound is positive."""
     from fractions import Fraction as Q
-    net, xl, xu, C = float32_false_certificate("ibp")
-    assert verify.certified_exactly(net, xl, xu, C, "ibp") == (torch.tensor([False]), 0, 0)
+    net, xl, xu, C = float32_false_certificate(method)
+    assert verify.certified_exactly(net, xl, xu, C, method) == (torch.tensor([False]), 0, 0)
     with torch.no_grad():
         net[3].bias[0] += 1e-3 * net[3].bias[0].abs() + 1e-3
-    verified, _, _ = verify.certified_exactly(net, xl, xu, C, "ibp")
-    assert verified.tolist() == [True] and exact_ibp(net, xl[0], xu[0], C[0])[0][0] > Q(0)
+    verified, _, _ = verify.certified_exactly(net, xl, xu, C, method)
+    assert verified.tolist() == [True]
+    assert method != "ibp" or exact_ibp(net, xl[0], xu[0], C[0])[0][0] > Q(0)
 
 
 # verify.py trusts a float32 certificate whose margin is at least RECHECK_REL of its scale without a
@@ -1748,6 +1812,7 @@ def test_verify_alpha_crown_and_crown_on_a_trained_checkpoint(small_checkpoint, 
     err = r["verified_err"]  # this barely trained net: IBP certifies nothing at 0.001, CROWN what it classifies right
     assert err["alpha-crown"] <= err["crown"] < err["ibp"] and r["best_verified_err"] == err["alpha-crown"]
     assert set(r["float64_rechecked"]) == set(r["float64_refuted"]) == {"ibp", "crown", "alpha-crown"}
+    assert r["float64_rechecked"]["ibp"] == 0 and json.load(open(out))["exact_arithmetic"] == ["ibp"]
     assert r["certified_but_attacked"] == 0
 
 
@@ -1763,9 +1828,9 @@ def test_verify_eps_sweep_gives_one_row_per_eps(small_checkpoint, tmp_path):
 
 def test_verify_reports_certified_but_attacked_examples(small_checkpoint, tmp_path, monkeypatch, capsys):
     """The consistency check can fail: an unsound 'bound' (lb shifted up) must be caught."""
-    real, real_sound = certmin.bounds, certmin.sound_ibp
+    real, real_sound = certmin.bounds, certmin.sound_bounds
     monkeypatch.setattr(certmin, "bounds", lambda *a, **k: tuple(b + 100 for b in real(*a, **k)))
-    monkeypatch.setattr(certmin, "sound_ibp", lambda *a, **k: tuple(b + 100 for b in real_sound(*a, **k)))
+    monkeypatch.setattr(certmin, "sound_bounds", lambda *a, **k: tuple(b + 100 for b in real_sound(*a, **k)))
     out = tmp_path / "bad.json"
     assert verify.main(verify_args(small_checkpoint, "--methods", "ibp", "--json", str(out))) == 1
     assert "SOUNDNESS BUG" in capsys.readouterr().err

@@ -7,8 +7,8 @@
 Errors are fractions of the evaluated test images. An example counts as verified by "best" when any
 method verifies it: each is a sound bound, so the best of them is sound too. Bounds are computed in
 float32 or float64 (never TF32 or bf16) over a box rounded outward, so that it contains the real eps-ball.
-IBP's certificates hold in exact arithmetic (certmin.sound_ibp: every rounding bounded and added). For the
-other methods, a float32 certificate with a small margin is redone in float64 and counts only if it holds
+IBP's and CROWN-IBP's certificates hold in exact arithmetic (certmin.sound_bounds: every rounding bounded and
+added). For CROWN and alpha-CROWN, a float32 certificate with a small margin is redone in float64 and counts only if it holds
 there (--recheck-rel), and the report says how many were redone and refuted. An example that a method certifies but PGD misclassifies
 would be a soundness bug: it is counted, printed, and makes the exit status non-zero.
 """
@@ -34,13 +34,13 @@ def margin_scale(lb, ub):
 
 
 def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progress=None, alpha_steps=None):
-    """(verified (N,), rechecked, refuted): IBP certifies with certmin.sound_ibp, whose bounds hold in
-    exact arithmetic. For the other methods an example counts only if its margin lower bound is positive
+    """(verified (N,), rechecked, refuted): IBP and CROWN-IBP certify with certmin.sound_bounds, whose bounds
+    hold in exact arithmetic. For the other methods an example counts only if its margin lower bound is positive
     in float64. In float32, every example that float32 certifies with a margin below recheck_rel times
     its scale (1 + the largest |bound| of its rows) is bounded again in float64, and kept only if that
     bound is positive too: float32 rounding may lift a bound above the exact one."""
-    if method == "ibp":
-        return (certmin.sound_ibp(model, xl, xu, C)[0] > 0).all(1), 0, 0
+    if method in certmin.SOUND_METHODS:
+        return (certmin.sound_bounds(model, xl, xu, C, method)[0] > 0).all(1), 0, 0
     kw = {} if alpha_steps is None else {"alpha_steps": alpha_steps}
     with torch.no_grad():
         lb, ub = certmin.bounds(model, xl, xu, C, method, progress=progress, **kw)
@@ -204,9 +204,13 @@ def main(argv=None):
     print(table(rows, methods))
     for r in rows:
         print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
-        if args.dtype == "float32":
+        exact = [m for m in methods if m in certmin.SOUND_METHODS]
+        if exact:
+            print(f"{' and '.join(exact)} certificates hold in exact arithmetic (certmin.sound_bounds)")
+        rechecked = [m for m in methods if m not in certmin.SOUND_METHODS]
+        if args.dtype == "float32" and rechecked:
             print(f"float64 recheck at eps {r['eps']:.4f}: " + ", ".join(
-                f"{m} {r['float64_rechecked'][m]} rechecked, {r['float64_refuted'][m]} refuted" for m in methods))
+                f"{m} {r['float64_rechecked'][m]} rechecked, {r['float64_refuted'][m]} refuted" for m in rechecked))
     bad = sum(r["certified_but_attacked"] for r in rows)
     if bad:
         print(f"\n!!! SOUNDNESS BUG: {bad} example(s) certified but misclassified by PGD "
@@ -217,6 +221,7 @@ def main(argv=None):
             json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
                        "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
                        "pgd_precision": args.pgd_precision, "seed": args.seed,
+                       "exact_arithmetic": [m for m in methods if m in certmin.SOUND_METHODS],
                        "rows": rows, "certified_but_attacked": bad}, f, indent=1)
     return 1 if bad else 0
 
