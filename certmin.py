@@ -20,6 +20,7 @@ This file imports only the standard library and torch: copy it into your project
     net = certmin.dm_small()
     loss, verified = certmin.verified_loss(net, x, y, eps=0.1, beta=1.0)   # CROWN-IBP
     lb, ub = certmin.bounds(net, *certmin.input_box(x, 0.1), method="crown")
+    lb, ub = certmin.sound_bounds(net, *certmin.input_box(x, 0.1, outward=True), C, "crown-ibp")  # exact
 """
 import math
 import os
@@ -105,16 +106,18 @@ def dm_large(in_ch=1, side=28, classes=10, mean=None, std=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def input_box(x, eps, lo=0.0, hi=1.0, outward=False):
+def input_box(x, eps, lo=0.0, hi=1.0, outward=False, dtype=None):
     """The l-inf ball of radius eps around x, clipped to the valid range: (xl, xu). eps may be a 0-dim
     tensor (a CUDA graph's schedule value); checking that one is the caller's job. outward=True (for
-    certificates) makes the float box contain the real ball: x -+ eps in float64, rounded to x's dtype,
-    then one ulp outward (rounding to nearest errs by half an ulp at most)."""
+    certificates) makes the float box contain the real ball around x's value: x -+ eps in float64,
+    rounded to dtype (default x's), then one ulp outward (each rounding to nearest errs by half an ulp
+    at most, and float64's is far below a float32 ulp). verify.py passes pixels / 255 in float64 and
+    dtype float32: a box around the image itself (to 1e-17), not around its float32 rounding."""
     if not torch.is_tensor(eps) and not eps >= 0:  # also catches NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
     if outward:
-        x64 = x.double()
-        return _down((x64 - eps).to(x.dtype)).clamp(min=lo), _up((x64 + eps).to(x.dtype)).clamp(max=hi)
+        x64, dtype = x.double(), dtype or x.dtype
+        return _down((x64 - eps).to(dtype)).clamp(min=lo), _up((x64 + eps).to(dtype)).clamp(max=hi)
     return (x - eps).clamp(min=lo), (x + eps).clamp(max=hi)
 
 

@@ -738,6 +738,16 @@ def test_outward_input_box_contains_the_real_ball(v, eps, dtype):
     assert 0 <= xl.item() <= xu.item() <= 1
 
 
+def test_outward_input_box_from_float64_pixels_contains_the_real_images_ball():
+    from fractions import Fraction as Q
+    k = torch.arange(256)
+    for eps in (0.3, 2 / 255, 8 / 255, 1e-3):
+        xl, xu = certmin.input_box(k.double() / 255, eps, outward=True, dtype=torch.float32)
+        assert xl.dtype == torch.float32
+        for j in range(256):
+            assert Q(xl[j].item()) <= max(Q(j, 255) - Q(eps), 0) and Q(xu[j].item()) >= min(Q(j, 255) + Q(eps), 1)
+
+
 @pytest.mark.parametrize("name,eps", [("kw_mnist.pth", 0.1), ("mnist_cnn_small.pth", 0.02),
                                       ("mnist_fc_3layer.pth", 0.02), ("cifar_2c2f.pth", 2 / 255)])
 def test_sound_bounds_hold_in_exact_arithmetic_on_real_weights(name, eps):

@@ -94,7 +94,7 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
             attacked[sl] = (model(x_adv).argmax(1) != yb).cpu() | wrong[sl]
         seconds["pgd"] += time.time() - t
         C = certmin.margin_spec(yb, model[-1].out_features).to(dtype)
-        box = certmin.input_box(xb, eps, outward=True)
+        box = certmin.input_box(x[sl].to(device).double() / 255, eps, outward=True, dtype=dtype)  # the real image's ball
         for m in methods:
             t = last = time.time()
 
