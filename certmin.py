@@ -616,10 +616,11 @@ def margin_lower(model, xl, xu, C, beta=0.0, check=True):
 # ----------------------------------------------------------------------------------------------
 # 3b. Bounds that hold in exact arithmetic. A bound computed in floats is a bound of neither the float
 #     nor the real network until its rounding is accounted for. sound_bounds is IBP (or CROWN-IBP) with
-#     every rounding bounded and added outward: an inner product of n terms computed in floats, in any order, with
-#     or without FMA, errs by at most gamma_n = n u / (1 - n u) times the inner product of the absolute
-#     values (u: the unit roundoff; Higham, Accuracy and Stability of Numerical Algorithms, 2002,
-#     section 3.1); a single rounding to nearest errs by half an ulp, so one ulp outward covers it.
+#     every rounding bounded and added outward: an inner product of n terms computed in floats, in any
+#     order, with or without FMA, errs by at most gamma_n = n u / (1 - n u) times the inner product of
+#     the absolute values (u: the unit roundoff; Higham, Accuracy and Stability of Numerical
+#     Algorithms, 2002, section 3.1), plus what underflow loses (at most the smallest normal number
+#     per operation); a single rounding to nearest errs by half an ulp, so one ulp outward covers it.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -776,6 +777,12 @@ def _sound_back(m, A, shape):
     return out.view(N, R, *shape), o * math.prod(m.kernel_size)
 
 
+def _underflow(n, hmax):
+    """(N, 1): a bound on what underflow adds to inner products of n terms that then meet h (|h| <= hmax):
+    each product or sum loses at most the smallest normal number, absolutely."""
+    return 2 * (n + 1) * torch.finfo(hmax.dtype).tiny * (1 + hmax.flatten(1).sum(1, keepdim=True))
+
+
 def _sound_crown(layers, boxes, C, classes):
     """CROWN-IBP's last pass, backward, with its rounding charged. Invariant: for every x in the box,
     C f(x) >= A . h + sum(terms) - sum(charge), with h the exact input of the layer reached, A exactly
@@ -799,14 +806,14 @@ def _sound_crown(layers, boxes, C, classes):
             neg = A.clamp(max=0)
             A = A * torch.where(A < 0, s.unsqueeze(1), d_l.unsqueeze(1))  # a product by s rounds, by 0 or 1 not
             terms.append(_dot(neg, t))
-            charge.append(_gamma(n, dtype) * (_dot(neg.abs(), t) + _dot(A.abs(), hmax)))
+            charge.append(_gamma(n, dtype) * (_dot(neg.abs(), t) + _dot(A.abs(), hmax)) + _underflow(n, hmax))
         elif isinstance(m, nn.Flatten):
             A = A.reshape(*A.shape[:2], *lo.shape[1:])
         elif isinstance(m, Normalize):  # A . (h - mean) / std = (A / std) . h - A . (mean / std)
             q = (m.mean.to(dtype) / m.std.to(dtype)).expand_as(lo[:1])  # rounded, as is A / std: charged
             terms.append(-_dot(A, q))
             A, A_out = A / m.std.to(dtype), A
-            charge.append(_gamma(n, dtype) * (_dot(A.abs(), hmax) + _dot(A_out.abs(), q.abs())))
+            charge.append(_gamma(n, dtype) * (_dot(A.abs(), hmax) + _dot(A_out.abs(), q.abs())) + _underflow(n, hmax))
         else:  # Linear, Conv2d: A . (W h + b) = (A W) . h + A . b
             W, b = _w(m, dtype)
             size = _affine_parts(m)[1](hmax.unsqueeze(0), W.abs(), None)[0]  # |W| max|h|, then + |b|
@@ -815,14 +822,17 @@ def _sound_crown(layers, boxes, C, classes):
                 terms.append(_dot(A, bias))
                 size = size + bias.abs()
             A_in, k = _sound_back(m, A, lo.shape[1:])  # A W rounds by gamma_k |A| |W| |h|, A . b by gamma |A| |b|
-            charge.append(_gamma(max(k, A[0, 0].numel()), dtype) * _dot(A.abs(), size))
+            k = max(k, A[0, 0].numel())
+            charge.append(_gamma(k, dtype) * _dot(A.abs(), size) + _underflow(k, hmax))
             A = A_in
     c, r = _enclose(*boxes[0])  # the minimum over the input box: A c - |A| r
     terms += [_dot(A, c), -_dot(A.abs(), r)]
-    charge.append(_gamma(c[0].numel(), dtype) * _dot(A.abs(), c.abs() + r))
+    n = c[0].numel()
+    charge.append(_gamma(n, dtype) * _dot(A.abs(), c.abs() + r) + _underflow(n, c.abs() + r))
     terms, charge = torch.stack(terms), torch.stack(charge)
     # summing K terms errs by gamma_K times the sum of their sizes; the charges carry their own room
-    err = charge.sum(0) + _gamma(len(terms), dtype) * terms.abs().sum(0)
+    K = len(terms)
+    err = charge.sum(0) + _gamma(K, dtype) * terms.abs().sum(0) + 2 * (K + 1) * torch.finfo(dtype).tiny
     lb = _down(terms.sum(0) - err)
     S = C.shape[1]
     return lb[:, :S], -lb[:, S:]
