@@ -278,8 +278,15 @@ def schedule_report(argv):
                      f"| {pct(row['best_verified_err'])} | {paper.get('clean', '–')} / {paper.get('pgd', '–')} / "
                      f"{paper.get('ibp', '–')} | {r['train_seconds'] / 60:.0f} min |")
     n = runs[0]["verify"]["rows"][0]["n"]
+    exact = [r for r in runs if r["verify"].get("exact_arithmetic")]  # verified since sound_bounds
+    if not exact:
+        how = "float32, certificates confirmed in float64"
+    else:
+        names = "" if len(exact) == len(runs) else " for " + ", ".join(r["run"] for r in exact)
+        how = (f"{' and '.join(exact[0]['verify']['exact_arithmetic'])} certificates in exact arithmetic"
+               f"{names} (certmin.sound_bounds), the others confirmed in float64")
     lines.append(f"\nErrors in % on {n} MNIST test images at eps {runs[0]['verify']['rows'][0]['eps']:.4f}, verify.py "
-                 "(float32, certificates confirmed in float64); the paper's figures are DM-large's (method.md section 6).")
+                 f"({how}); the paper's figures are DM-large's (method.md section 6).")
     for r in runs:
         if r["verify_alpha"]:
             a = r["verify_alpha"]["rows"][0]

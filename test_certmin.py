@@ -1914,6 +1914,7 @@ def test_bench_schedule_collects_runs_and_reports(small_checkpoint, tmp_path):
     assert [c["epoch"] for c in entry["curve"]] == [1, 2] and entry["verify"]["rows"][0] == report
     table = (tmp_path / "fs.md").read_text()
     assert f"| advibp seed 0 | 2/2 | {100 * report['clean_err']:.2f} |" in table and "1.9 / 2.87 / 6.6" in table
+    assert "(ibp certificates in exact arithmetic (certmin.sound_bounds), the others confirmed in float64)" in table
     missing = run_script(["bench.py", "schedule", str(tmp_path), "--out", str(tmp_path / "x")])
     assert missing.returncode == 2 and "has no log.jsonl" in missing.stderr
     ablation = tmp_path / "sum"  # the same run, as if trained with --weights sum: named so, no paper figures
