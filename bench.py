@@ -812,6 +812,13 @@ def load_net(path):
     return net.eval(), ck["config"]["dataset"], ck["config"]["eps"]
 
 
+def _margin_boxes(net, x, y, eps, batch_size, outward=False):
+    """(C, xl, xu) per batch: the margin specification and the eps-box of each example."""
+    for i in range(0, len(y), batch_size):
+        yield (certmin.margin_spec(y[i:i + batch_size], net[-1].out_features),
+               *certmin.input_box(x[i:i + batch_size], eps, outward=outward))
+
+
 def rounding_errors(net, x, y, eps, method, batch_size=250):
     """float32 against float64 lower bounds of the margins on x's eps-boxes. Per example, the error is
     the largest |lb32 - lb64| over its rows, divided by verify.py's scale (1 + the largest float32
@@ -820,10 +827,7 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
     net64 = copy.deepcopy(net).double()
     rel, ok32, ok64 = [], [], []
     with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            C = certmin.margin_spec(yb, net[-1].out_features)
-            xl, xu = certmin.input_box(xb, eps)
+        for C, xl, xu in _margin_boxes(net, x, y, eps, batch_size):
             lb, ub = certmin.bounds(net, xl, xu, C, method)
             lb64, _ = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
             scale = verify.margin_scale(lb, ub).double()
@@ -841,10 +845,7 @@ def sound_bounds_widening(net, x, y, eps, method, batch_size=250):
     net64 = copy.deepcopy(net).double()
     wide, ok = [], []
     with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            C = certmin.margin_spec(yb, net[-1].out_features)
-            xl, xu = certmin.input_box(xb, eps, outward=True)
+        for C, xl, xu in _margin_boxes(net, x, y, eps, batch_size, outward=True):
             lb, _ = certmin.sound_bounds(net, xl, xu, C, method)
             lb64, ub64 = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
             wide.append(((lb64 - lb).max(1).values / verify.margin_scale(lb64, ub64)).cpu())

@@ -57,8 +57,8 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _conv_out(side, k, s, p):
-    return (side + 2 * p - k) // s + 1
+def _conv_out(side, k, s, p, d=1):
+    return (side + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def _build(spec, in_ch, side, classes, mean, std):
@@ -659,8 +659,7 @@ def _affine_parts(m):
     def conv(x, W, b):
         cols = F.unfold(x.flatten(0, 1), m.kernel_size, m.dilation, m.padding, m.stride)  # copies: exact
         y = W.reshape(G, W.shape[0] // G, n) @ cols.unflatten(1, (G, n))  # (K N, G, out / G, L)
-        side = [(x.shape[3 + j] + 2 * m.padding[j] - m.dilation[j] * (m.kernel_size[j] - 1) - 1) // m.stride[j] + 1
-                for j in (0, 1)]
+        side = [_conv_out(x.shape[3 + j], m.kernel_size[j], m.stride[j], m.padding[j], m.dilation[j]) for j in (0, 1)]
         y = y.reshape(*x.shape[:2], W.shape[0], *side)
         return y if b is None else y + b.view(-1, 1, 1)
     return n, conv

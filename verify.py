@@ -202,12 +202,12 @@ def main(argv=None):
         rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device,
                             args.recheck_rel, args.alpha_steps, args.pgd_precision))
     print(table(rows, methods))
+    exact = [m for m in methods if m in certmin.SOUND_METHODS]
+    rechecked = [m for m in methods if m not in exact]
+    if exact:
+        print(f"{' and '.join(exact)} certificates hold in exact arithmetic (certmin.sound_bounds)")
     for r in rows:
         print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
-        exact = [m for m in methods if m in certmin.SOUND_METHODS]
-        if exact:
-            print(f"{' and '.join(exact)} certificates hold in exact arithmetic (certmin.sound_bounds)")
-        rechecked = [m for m in methods if m not in certmin.SOUND_METHODS]
         if args.dtype == "float32" and rechecked:
             print(f"float64 recheck at eps {r['eps']:.4f}: " + ", ".join(
                 f"{m} {r['float64_rechecked'][m]} rechecked, {r['float64_refuted'][m]} refuted" for m in rechecked))
@@ -221,7 +221,7 @@ def main(argv=None):
             json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
                        "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
                        "pgd_precision": args.pgd_precision, "seed": args.seed,
-                       "exact_arithmetic": [m for m in methods if m in certmin.SOUND_METHODS],
+                       "exact_arithmetic": exact,
                        "rows": rows, "certified_but_attacked": bad}, f, indent=1)
     return 1 if bad else 0
 
