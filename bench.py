@@ -8,7 +8,7 @@
     python bench.py train-step --device cuda --check           # issue 11: train.py's step per variant, graphs check
     python bench.py preset --out OUT --data D -- --cuda-graphs # issue 11: a preset trained and verified, one folder
     python bench.py gpu-run --out OUT --data D                 # issue 11: both, inside a time budget (--tiny: CPU)
-    python bench.py rounding ../shared/models/*.pth runs/M/last.pt   # float32 vs float64 bounds, against verify.py's recheck
+    python bench.py rounding ../shared/models/*.pth runs/M/last.pt   # float32 vs float64 bounds, and what sound_bounds keeps
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -283,8 +283,10 @@ def schedule_report(argv):
         how = "float32, certificates confirmed in float64"
     else:
         names = "" if len(exact) == len(runs) else " for " + ", ".join(r["run"] for r in exact)
-        how = (f"{' and '.join(exact[0]['verify']['exact_arithmetic'])} certificates in exact arithmetic"
-               f"{names} (certmin.sound_bounds), the others confirmed in float64")
+        methods = exact[0]["verify"]["exact_arithmetic"]
+        others = names or any(set(r["verify"]["methods"]) - set(methods) for r in exact)
+        how = (f"{' and '.join(methods)} certificates in exact arithmetic{names} (certmin.sound_bounds)"
+               + (", the others confirmed in float64" if others else ""))
     lines.append(f"\nErrors in % on {n} MNIST test images at eps {runs[0]['verify']['rows'][0]['eps']:.4f}, verify.py "
                  f"({how}); the paper's figures are DM-large's (method.md section 6).")
     for r in runs:
@@ -347,20 +349,18 @@ def _verify_one(args):
     x, y = x[:args.n].float() / 255, y[:args.n]
     eps = cfg["eps"] if args.eps is None else args.eps
     base = _reset_peak_rss()
-    verified, rechecked, refuted, seconds = [], 0, 0, 0.0
+    verified, seconds = [], 0.0
     for i in range(-args.batch_size, args.n, args.batch_size):  # the first batch twice: warm-up, untimed
         xb, yb = x[max(i, 0):max(i, 0) + args.batch_size], y[max(i, 0):max(i, 0) + args.batch_size]
         C = certmin.margin_spec(yb, model[-1].out_features)
         t = time.perf_counter()
-        ok, again, wrong = verify.certified_exactly(model, *certmin.input_box(xb, eps, outward=True), C, args.verify_one)
+        ok = verify.certified_exactly(model, *certmin.input_box(xb, eps, outward=True), C, args.verify_one)
         if i >= 0:
             seconds += time.perf_counter() - t
             verified.append(ok)
-            rechecked, refuted = rechecked + again, refuted + wrong
     verified = torch.cat(verified)
     print(json.dumps({"method": args.verify_one, "n": args.n, "eps": eps, "seconds_per_image": seconds / args.n,
-                      "verified_err": 1 - verified.float().mean().item(), "float64_rechecked": rechecked,
-                      "float64_refuted": refuted, "peak_gib": _peak_rss() - base}))
+                      "verified_err": 1 - verified.float().mean().item(), "peak_gib": _peak_rss() - base}))
 
 
 def _peers_one(name):
@@ -394,7 +394,7 @@ def _peers_one(name):
 def verify_bench(argv):
     ap = argparse.ArgumentParser(prog="bench.py verify", description="Time per image and verified error of each "
                                  "bound method on a train.py checkpoint (each method in its own process, after one "
-                                 "untimed warm-up batch; certificates confirmed in float64 as in verify.py). With "
+                                 "untimed warm-up batch; certificates in exact arithmetic, certmin.sound_bounds, as in verify.py). With "
                                  "--peers, full CROWN on issue 9's configurations against auto_LiRPA's measured times.")
     ap.add_argument("checkpoint", nargs="?", help="a .pt file written by train.py")
     ap.add_argument("--methods", default=VERIFY_METHODS)
@@ -425,11 +425,11 @@ def verify_bench(argv):
             print(f"  measured {m}", file=sys.stderr, flush=True)
         r0 = report["rows"][0]
         print(f"{args.checkpoint}: first {r0['n']} test images, eps {r0['eps']:.4f}, batch {args.batch_size}; {report['machine']}\n")
-        print("| method | time / image | verified error | float64 rechecked / refuted | peak memory |")
-        print("|---|---|---|---|---|")
+        print("| method | time / image | verified error | peak memory |")
+        print("|---|---|---|---|")
         for r in report["rows"]:
             print(f"| {r['method']} | {r['seconds_per_image']:.4f} s | {100 * r['verified_err']:.2f}% | "
-                  f"{r['float64_rechecked']} / {r['float64_refuted']} | {r['peak_gib']:.2f} GiB |")
+                  f"{r['peak_gib']:.2f} GiB |")
         crown = [r for r in report["rows"] if r["method"] == "crown"]
         if crown:
             print(f"\ntarget (issue 9, DM-small MNIST on a 2-core CPU): full CROWN well under 1 s per image: "
@@ -775,9 +775,8 @@ def gpu_run(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rounding: how far float32 bounds lie from float64 ones, next to verify.py's recheck threshold.
-# verify.py trusts a float32 certificate whose margin is at least RECHECK_REL of its scale; that is
-# safe only while float32's rounding error is far smaller than that.
+# Rounding: how far float32 bounds lie from float64 ones, and what certmin.sound_bounds (float64, every
+# rounding bounded; what verify.py certifies with) keeps of float64's certificates and how far it widens.
 # ---------------------------------------------------------------------------------------------
 
 SHARED_NETS = {  # ../shared/models (their README): layer list and a default eps at which some certify
@@ -819,18 +818,22 @@ def _margin_boxes(net, x, y, eps, batch_size, outward=False):
                *certmin.input_box(x[i:i + batch_size], eps, outward=outward))
 
 
+def margin_scale(lb, ub):
+    """An example's scale: 1 + the largest |bound| of its rows. Rounding is judged against it."""
+    return 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values
+
+
 def rounding_errors(net, x, y, eps, method, batch_size=250):
     """float32 against float64 lower bounds of the margins on x's eps-boxes. Per example, the error is
-    the largest |lb32 - lb64| over its rows, divided by verify.py's scale (1 + the largest float32
-    |bound| of its rows). Returns (relative errors (N,), certified in float32 (N,), also in float64 (N,))."""
-    import verify
+    the largest |lb32 - lb64| over its rows, divided by its scale (margin_scale of the float32 bounds).
+    Returns (relative errors (N,), certified in float32 (N,), also in float64 (N,))."""
     net64 = copy.deepcopy(net).double()
     rel, ok32, ok64 = [], [], []
     with torch.no_grad():
         for C, xl, xu in _margin_boxes(net, x, y, eps, batch_size):
             lb, ub = certmin.bounds(net, xl, xu, C, method)
             lb64, _ = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
-            scale = verify.margin_scale(lb, ub).double()
+            scale = margin_scale(lb, ub).double()
             rel.append(((lb.double() - lb64).abs().max(1).values / scale).cpu())
             ok32.append((lb > 0).all(1).cpu())
             ok64.append((lb64 > 0).all(1).cpu())
@@ -839,28 +842,24 @@ def rounding_errors(net, x, y, eps, method, batch_size=250):
 
 def sound_bounds_widening(net, x, y, eps, method, batch_size=250):
     """certmin.sound_bounds against float64 bounds on x's eps-boxes (rounded outward, as verify.py builds them):
-    per example, the largest lb64 - lb_sound over its rows divided by verify.py's scale, and whether
+    per example, the largest lb64 - lb_sound over its rows divided by margin_scale, and whether
     sound_bounds certifies it. Returns (widening (N,), certified (N,))."""
-    import verify
     net64 = copy.deepcopy(net).double()
     wide, ok = [], []
     with torch.no_grad():
         for C, xl, xu in _margin_boxes(net, x, y, eps, batch_size, outward=True):
             lb, _ = certmin.sound_bounds(net, xl, xu, C, method)
             lb64, ub64 = certmin.bounds(net64, xl.double(), xu.double(), C.double(), method)
-            wide.append(((lb64 - lb).max(1).values / verify.margin_scale(lb64, ub64)).cpu())
+            wide.append(((lb64 - lb).max(1).values / margin_scale(lb64, ub64)).cpu())
             ok.append((lb > 0).all(1).cpu())
     return torch.cat(wide), torch.cat(ok)
 
 
 def rounding(argv):
-    import verify
     ap = argparse.ArgumentParser(prog="bench.py rounding", description="How far float32 bounds lie from float64 "
-                                 "ones (IBP, CROWN-IBP, CROWN), relative to the scale verify.py uses, against its "
-                                 f"recheck threshold ({verify.RECHECK_REL}): a float32 certificate with a margin "
-                                 "above that fraction is trusted without a float64 recheck. For IBP and CROWN-IBP "
-                                 "also what certmin.sound_bounds (exact-arithmetic bounds, which verify.py uses) "
-                                 "certifies, and by how much it widens the float64 bounds.")
+                                 "ones, relative to each example's scale (1 + its largest |bound|), and what "
+                                 "certmin.sound_bounds (exact-arithmetic bounds, which verify.py certifies with) "
+                                 "certifies and by how much it widens the float64 bounds.")
     ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or ../shared/models/*.pth files")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--n", type=int, default=1000, help="first n test images (IBP, CROWN-IBP)")
@@ -882,9 +881,9 @@ def rounding(argv):
         return 2
     rows = []
     print(f"float32 vs float64 lower bounds; {platform.machine()}, torch {torch.__version__}, {dev}\n")
-    print("| network | eps | method | images | max error / scale | median | headroom (threshold / max) "
+    print("| network | eps | method | images | max error / scale | median "
           "| certified float32 | refuted in float64 | certified by sound_bounds | its widening / scale |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path, net, dataset, eps in nets:
         x, y = data[dataset]
         for m in args.methods.split(","):
@@ -892,22 +891,18 @@ def rounding(argv):
             t = time.time()
             rel, ok32, ok64 = rounding_errors(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps, m)
             r = {"net": str(path), "eps": eps, "method": m, "n": n, "max_rel": rel.max().item(),
-                 "median_rel": rel.median().item(), "headroom": verify.RECHECK_REL / max(rel.max().item(), 1e-300),
+                 "median_rel": rel.median().item(),
                  "certified32": int(ok32.sum()), "refuted64": int((ok32 & ~ok64).sum()), "seconds": time.time() - t}
-            sound = "– | –"
-            if m in certmin.SOUND_METHODS:  # verify.py certifies with sound_bounds: what it keeps, what it costs
-                t = time.time()
-                wide, ok = sound_bounds_widening(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps, m)
-                r.update(certified_sound=int(ok.sum()), sound_max_widening=wide.max().item(),
-                         sound_seconds=time.time() - t)
-                sound = f"{r['certified_sound']} | {r['sound_max_widening']:.1e}"
+            t = time.time()  # verify.py certifies with sound_bounds: what it keeps, what it costs
+            wide, ok = sound_bounds_widening(net.to(dev), (x[:n].float() / 255).to(dev), y[:n].to(dev), eps, m)
+            r.update(certified_sound=int(ok.sum()), sound_max_widening=wide.max().item(), sound_seconds=time.time() - t)
             rows.append(r)
             print(f"| {Path(path).stem if Path(path).stem in SHARED_NETS else path} | {eps:.4f} | {m} | {n} | "
-                  f"{r['max_rel']:.1e} | {r['median_rel']:.1e} | {r['headroom']:.0f}x | {r['certified32']} | "
-                  f"{r['refuted64']} | {sound} |", flush=True)
+                  f"{r['max_rel']:.1e} | {r['median_rel']:.1e} | {r['certified32']} | {r['refuted64']} | "
+                  f"{r['certified_sound']} | {r['sound_max_widening']:.1e} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(dev), "torch": torch.__version__,
-                                               "recheck_rel": verify.RECHECK_REL, "rows": rows}, indent=1))
+                                               "rows": rows}, indent=1))
 
 
 SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_report, "train-step": train_step_bench,

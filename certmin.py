@@ -8,7 +8,7 @@ Sections, top to bottom:
   1. models       Normalize and the DeepMind DM-small / medium / large builders
   2. boxes        input_box, margin_spec
   3. bounds       IBP, CROWN-IBP and CROWN for Sequential Linear/Conv2d/ReLU/Flatten/Normalize nets;
-                 sound_bounds, IBP and CROWN-IBP bounds that hold in exact arithmetic (for certificates)
+                 sound_bounds, the same bounds made to hold in exact arithmetic (for certificates)
   4. losses       verified_loss
   5. attacks      fgsm_rs, pgd, fosc
   6. schedules    smooth_ramp, linear_ramp
@@ -22,6 +22,7 @@ This file imports only the standard library and torch: copy it into your project
     lb, ub = certmin.bounds(net, *certmin.input_box(x, 0.1), method="crown")
     lb, ub = certmin.sound_bounds(net, *certmin.input_box(x, 0.1, outward=True), C, "crown-ibp")  # exact
 """
+import copy
 import math
 import os
 import warnings
@@ -435,14 +436,15 @@ def _patch_elements(layers, i, shapes):
     return size
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False):
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, widen=None):
     """Full CROWN: replace the IBP bounds in pre by tighter ones, layer by layer. At each ReLU the
     bounds are first IBP from the (already tightened) ReLU before; then the neurons that these leave
     unstable (l < 0 < u) get a CROWN backward pass each, and keep the tighter of their IBP and CROWN
     bounds. Both savings are sound: a stable neuron's relaxation is exact whatever its bounds, and
     the intersection of two boxes that contain the set contains it. textbook=True is plain CROWN
     (every neuron, CROWN bounds alone), kept as a reference. Rows go in chunks so that A stays under
-    `budget` elements; progress(neurons done, neurons in all) is called after each chunk."""
+    `budget` elements; progress(neurons done, neurons in all) is called after each chunk. widen(i, l, u)
+    -> (l, u), if given, replaces ReLU i's final bounds before anything uses them (sound_bounds)."""
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
@@ -490,6 +492,8 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
             done += n
             if progress is not None and S == 0:
                 progress(done, total)
+        if widen is not None:
+            pre[i] = widen(i, *pre[i])
         lo, hi = (t.clamp(min=0) for t in pre[i])
         c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
     return pre
@@ -577,16 +581,15 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
     with _ieee(xl.device.type):
-        return _bounds(model, xl, xu, C, method, progress, alpha_steps, alpha_lr)
+        return _bounds(_layers(model), xl, xu, C, method, progress, alpha_steps, alpha_lr)
 
 
-def _bounds(model, xl, xu, C, method, progress, alpha_steps, alpha_lr):
-    layers = _layers(model)
+def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=None):
     lb, ub, pre, shapes = _ibp(layers, xl, xu, C, record=method != "ibp")
     if method == "ibp":
         return lb, ub
     if method in ("crown", "alpha-crown"):
-        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress)
+        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=widen)
     if C is None:
         C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
     S = C.shape[1]
@@ -685,19 +688,23 @@ def _sound_affine(lo, hi, n, f, W, b, extra=None):
     return _down(cw - R), _up(cw + R)
 
 
-SOUND_METHODS = ("ibp", "crown-ibp")
+SOUND_METHODS = METHODS
 SOUND_BUDGET = 2 ** 26  # elements of the largest unfolded tensor in sound CROWN-IBP's backward pass (512 MB)
 
 
-def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64):
+def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progress=None,
+                 alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
     """Bounds (lb, ub) of C f(x) over [xl, xu] (as bounds() returns them, in dtype) that hold in exact
-    arithmetic: for every real x in the box, the real network with these weights lies inside. method
-    "ibp" or "crown-ibp"; the bounds are the method's, widened by a bound on every rounding. That a
-    priori bound is pessimistic (it assumes every rounding errs the same way, by the most it can), so
-    the arithmetic is float64 by default, where it is about 1e-11 of the margins' scale; in float32 it
-    reaches 0.3-0.5% of the scale on a trained DM-small and costs certificates. The weights and box
-    convert exactly into a dtype at least as wide as theirs. Convolutions run as unfold (fold, backward)
-    and a matrix product. For certificates; no gradient."""
+    arithmetic: for every real x in the box, the real network with these weights lies inside. Any of
+    METHODS; the bounds are the method's, widened by a bound on every rounding. That a priori bound is
+    pessimistic (it assumes every rounding errs the same way, by the most it can), so the arithmetic is
+    float64 by default, where it is about 1e-11 of the margins' scale for IBP and CROWN-IBP (each
+    rounding charged where it happens; convolutions as unfold (fold, backward) and a matrix product).
+    CROWN and alpha-CROWN run as bounds() runs them, in float64, with one bound on all their rounding
+    (_Rounding) that grows with the network's size (float32 is refused past ~170 000 neurons; float64's
+    widening is about 5e-8 of the margins' scale on a trained DM-small). The weights and box convert
+    exactly into a dtype at least as wide as theirs. progress, alpha_steps, alpha_lr: as for bounds().
+    For certificates; no gradient."""
     if method not in SOUND_METHODS:
         raise ValueError(f"sound_bounds has no method {method!r}; choose one of {', '.join(SOUND_METHODS)}")
     layers = _layers(model)
@@ -710,6 +717,9 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64):
     lo, hi = xl.to(dtype), xu.to(dtype)
     boxes = []  # the box of every layer's input
     with _ieee(xl.device.type), torch.no_grad():
+        if method in ("crown", "alpha-crown"):
+            return _sound_full_crown(layers, lo, hi, None if C is None else C.to(dtype), method, progress,
+                                     alpha_steps, alpha_lr)
         for i, m in enumerate(layers):
             boxes.append((lo, hi))
             if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1 and method == "ibp":
@@ -835,6 +845,93 @@ def _sound_crown(layers, boxes, C, classes):
     lb = _down(terms.sum(0) - err)
     S = C.shape[1]
     return lb[:, :S], -lb[:, S:]
+
+
+class _Rounding:
+    """An a priori bound on everything CROWN and alpha-CROWN round when run in floats, for sound_bounds.
+
+    The magnitude M: the network run forward from max(|xl|, |xu|) with |W|, |b| and |mean| (Normalize),
+    each ReLU passing M where its (widened) upper bound is positive and 0 elsewhere. M bounds |h| at every
+    layer for every x in the box. For one row rho (an intermediate neuron, or a row of C, with |C| M) every
+    backward matrix A_k held satisfies |A_k| M_k <= (1 + gamma) M_rho: slopes lie in [0, 1] and vanish
+    where the upper bound is <= 0. The bound the method computes for rho sums at most K = 2 L + 4 terms
+    (biases, chord intercepts -l d_u with |l| <= 2 M, the input box), which in absolute value add up
+    to at most (2 R + 2) M_rho (R ReLU layers: the biases and the box telescope into M_rho). Every inner
+    product on the way sums distinct neurons of one layer (zeros, as over padding, add exactly), and
+    gamma_a + gamma_b <= gamma_{a+b}: all of one row's products and sums together err by at most
+    gamma_{N+K} (N: all the network's neurons) times those absolute values, against the same arithmetic
+    done exactly with the same (rounded) matrices, slopes and intercepts. That exact value is a bound
+    when the relaxations are valid: a lower slope in [0, 1] always is; the rounded chord misses relu by
+    at most 4 u max(|l|, |u|) per neuron, the rounded box centre and radius miss the box by u (|xl| +
+    |xu|), and IBP (which CROWN's intermediate bounds are intersected with) errs by at most
+    2 gamma_N M. E = 16 (R + 2) gamma_{N+K} M_rho covers all of these twice over (the factor 2 also
+    covers M's own rounding); each intermediate bound is widened by its E before any later layer uses it
+    (widen), so every relaxation is built on a box that holds in exact arithmetic, and the final bounds
+    by theirs (final). Underflow: at most (N + K)^2 roundings per row, each losing at most the smallest
+    normal number against values at most 1 + (the largest sum of M over a layer)."""
+
+    def __init__(self, layers, xl, xu, shapes):
+        self.layers, self.at = layers, 0
+        self.M = torch.maximum(xl.abs(), xu.abs())
+        L, R = len(layers), sum(isinstance(m, nn.ReLU) for m in layers)
+        n = sum(math.prod(s) for s in shapes) + 2 * L + 4  # N + K; the output's neurons are added in final
+        self.n, self.R, self.big = n, R, self.M.flatten(1).sum(1)
+
+    def _advance(self, stop):
+        for m in self.layers[self.at:stop]:
+            if isinstance(m, nn.Linear):
+                self.M = F.linear(self.M, m.weight.abs(), None if m.bias is None else m.bias.abs())
+            elif isinstance(m, nn.Conv2d):
+                self.M = F.conv2d(self.M, m.weight.abs(), None if m.bias is None else m.bias.abs(), m.stride,
+                                  m.padding, m.dilation, m.groups)
+            elif isinstance(m, Normalize):
+                self.M = (self.M + m.mean.abs()) / m.std
+            elif isinstance(m, nn.Flatten):
+                self.M = self.M.flatten(1)
+            # a ReLU reached here is one widen has passed already (it masks M there)
+            self.big = torch.maximum(self.big, self.M.flatten(1).sum(1))
+        self.at = max(self.at, stop)
+
+    def _error(self, M, n):
+        dtype = M.dtype
+        gamma = _gamma(n, dtype)
+        tiny = n * n * torch.finfo(dtype).tiny * (1 + self.big.view(-1, *[1] * (M.dim() - 1)))
+        return _up(16 * (self.R + 2) * gamma * M + tiny)
+
+    def widen(self, i, l, u):
+        """ReLU i's bounds, widened by E, and M past ReLU i."""
+        self._advance(i)
+        E = self._error(self.M, self.n)
+        l, u = _down(l - E), _up(u + E)
+        self.M = torch.where(u > 0, self.M, 0)
+        self.at = i + 1
+        return l, u
+
+    def final(self, C, outputs):
+        """E for the network's outputs, or for C's rows."""
+        self._advance(len(self.layers))
+        M = self.M.flatten(1)
+        if C is not None:
+            M = (C.abs() @ M.unsqueeze(-1)).squeeze(-1)
+        return self._error(M, self.n + outputs)
+
+
+def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
+    """CROWN or alpha-CROWN (the code of bounds()) in xl's dtype, with every bound widened by _Rounding's E.
+    Convolutions run with cuDNN and oneDNN off: PyTorch's own kernels are a matrix product (im2col, col2im),
+    which the inner-product error bound covers; a Winograd or FFT kernel it would not."""
+    dtype = xl.dtype
+    layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
+    shapes = _ibp(layers, xl, xu, C, record=True, check=False)[3]
+    rounding = _Rounding(layers, xl, xu, shapes)
+    was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
+    torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
+    try:
+        lb, ub = _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=rounding.widen)
+    finally:
+        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
+    E = rounding.final(C, lb.shape[1] if C is None else C.shape[-1])
+    return _down(lb - E), _up(ub + E)
 
 
 # ----------------------------------------------------------------------------------------------

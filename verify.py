@@ -5,16 +5,14 @@
     python verify.py last.pt --eps-sweep 0.1,0.2,0.3,0.4 --n 1000      # a certified-accuracy curve
 
 Errors are fractions of the evaluated test images. An example counts as verified by "best" when any
-method verifies it: each is a sound bound, so the best of them is sound too. Bounds are computed in
-float32 or float64 (never TF32 or bf16) over a box rounded outward, so that it contains the real eps-ball.
-IBP's and CROWN-IBP's certificates hold in exact arithmetic (certmin.sound_bounds: every rounding bounded and
-added). For CROWN and alpha-CROWN, a float32 certificate with a small margin is redone in float64 and counts only if it holds
-there (--recheck-rel), and the report says how many were redone and refuted. An example that a method certifies but PGD misclassifies
-would be a soundness bug: it is counted, printed, and makes the exit status non-zero.
+method verifies it: each is a sound bound, so the best of them is sound too. Every certificate holds in
+exact arithmetic: the bounds are certmin.sound_bounds, computed in float64 over a box rounded outward (so
+that it contains the real eps-ball) and widened by a bound on every rounding. An example that a method
+certifies but PGD misclassifies would be a soundness bug: it is counted, printed, and makes the exit
+status non-zero.
 """
 import argparse
 import contextlib
-import copy
 import json
 import sys
 import time
@@ -25,39 +23,12 @@ import certmin
 from train import PRECISIONS, DataError, build_model, full_precision, load_checkpoint, load_data, parse_eps, set_precision
 
 
-RECHECK_REL = 1e-2  # float32 certificates with a margin below this fraction of their scale are redone in float64
-
-
-def margin_scale(lb, ub):
-    """An example's scale: 1 + the largest |bound| of its rows. Rounding is judged against it."""
-    return 1 + torch.maximum(lb.abs(), ub.abs()).max(1).values
-
-
-def certified_exactly(model, xl, xu, C, method, recheck_rel=RECHECK_REL, progress=None, alpha_steps=None):
-    """(verified (N,), rechecked, refuted): IBP and CROWN-IBP certify with certmin.sound_bounds, whose bounds
-    hold in exact arithmetic. For the other methods an example counts only if its margin lower bound is positive
-    in float64. In float32, every example that float32 certifies with a margin below recheck_rel times
-    its scale (1 + the largest |bound| of its rows) is bounded again in float64, and kept only if that
-    bound is positive too: float32 rounding may lift a bound above the exact one."""
-    if method in certmin.SOUND_METHODS:
-        return (certmin.sound_bounds(model, xl, xu, C, method)[0] > 0).all(1), 0, 0
+def certified_exactly(model, xl, xu, C, method, progress=None, alpha_steps=None):
+    """(N,) bool: the examples whose margins method bounds above zero in exact arithmetic (certmin.sound_bounds,
+    float64)."""
     kw = {} if alpha_steps is None else {"alpha_steps": alpha_steps}
-    with torch.no_grad():
-        lb, ub = certmin.bounds(model, xl, xu, C, method, progress=progress, **kw)
-    verified = (lb > 0).all(1)
-    if lb.dtype == torch.float64:
-        return verified, 0, 0
-    scale = margin_scale(lb, ub)
-    close = verified & (lb.min(1).values <= recheck_rel * scale)
-    if not bool(close.any()):
-        return verified, 0, 0
-    model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        lb64, _ = certmin.bounds(model64, xl[close].double(), xu[close].double(), C[close].double(), method, **kw)
-    exact = (lb64 > 0).all(1)
-    verified = verified.clone()
-    verified[close] = exact
-    return verified, int(close.sum()), int((~exact).sum())
+    lb, _ = certmin.sound_bounds(model, xl, xu, C, method, progress=progress, **kw)
+    return (lb > 0).all(1)
 
 
 @contextlib.contextmanager
@@ -70,12 +41,10 @@ def searching_in(precision, device):
 
 
 def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device,
-            recheck_rel=RECHECK_REL, alpha_steps=None, pgd_precision="fp32"):
+            alpha_steps=None, pgd_precision="fp32"):
     """One row of the report for one eps. PGD searches in pgd_precision; every point it returns is
     judged in dtype, so the PGD column counts only misclassifications that hold there."""
     n = len(y)
-    rechecked = {m: 0 for m in methods}
-    refuted = {m: 0 for m in methods}
     wrong = torch.zeros(n, dtype=torch.bool)
     attacked = torch.zeros(n, dtype=torch.bool)
     verified = {m: torch.zeros(n, dtype=torch.bool) for m in methods}
@@ -94,7 +63,7 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
             attacked[sl] = (model(x_adv).argmax(1) != yb).cpu() | wrong[sl]
         seconds["pgd"] += time.time() - t
         C = certmin.margin_spec(yb, model[-1].out_features).to(dtype)
-        box = certmin.input_box(x[sl].to(device).double() / 255, eps, outward=True, dtype=dtype)  # the real image's ball
+        box = certmin.input_box(x[sl].to(device).double() / 255, eps, outward=True)  # the real image's ball
         for m in methods:
             t = last = time.time()
 
@@ -104,10 +73,7 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
                     last = time.time()
                     print(f"  eps {eps:.4f}: images {i}-{min(i + batch_size, n)}, {m}: {done}/{total} "
                           f"hidden neurons bounded", file=sys.stderr, flush=True)
-            ok, again, refused = certified_exactly(model, *box, C, m, recheck_rel, progress, alpha_steps)
-            verified[m][sl] = ok.cpu()
-            rechecked[m] += again
-            refuted[m] += refused
+            verified[m][sl] = certified_exactly(model, *box, C, m, progress, alpha_steps).cpu()
             seconds[m] += time.time() - t
         done = min(i + batch_size, n)
         print(f"  eps {eps:.4f}: {done}/{n} images, {time.time() - t_start:.0f}s", file=sys.stderr, flush=True)
@@ -118,7 +84,6 @@ def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch
     return {"eps": eps, "n": n, "clean_err": wrong.float().mean().item(), "pgd_err": attacked.float().mean().item(),
             "verified_err": {m: 1 - v.float().mean().item() for m, v in verified.items()},
             "best_verified_err": 1 - best.float().mean().item(), "seconds": seconds,
-            "float64_rechecked": rechecked, "float64_refuted": refuted,
             "certified_but_attacked": len(bad), "certified_but_attacked_indices": bad[:100]}
 
 
@@ -141,9 +106,6 @@ def main(argv=None):
                     help="comma-separated, any of ibp, crown-ibp, crown, alpha-crown (slowest and tightest last)")
     ap.add_argument("--alpha-steps", type=int, default=certmin.ALPHA_STEPS,
                     help="alpha-CROWN's optimisation steps per batch (0: CROWN's slopes)")
-    ap.add_argument("--recheck-rel", type=float, default=RECHECK_REL,
-                    help="in float32, redo in float64 every certificate whose margin is below this fraction of its "
-                         "scale; only float64-positive bounds count")
     ap.add_argument("--pgd-steps", type=int, default=200)
     ap.add_argument("--pgd-step-size", default=None, help="default eps/40")
     ap.add_argument("--restarts", type=int, default=1)
@@ -155,7 +117,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=0, help="evaluate the first n test images (default: all)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the arithmetic of the clean and PGD columns; the bounds are always float64, made exact")
     ap.add_argument("--data", default="data", help="folder with the datasets (downloaded there if missing)")
     ap.add_argument("--no-download", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -200,17 +163,11 @@ def main(argv=None):
     for eps in eps_list:
         step = step_size if step_size is not None else eps / 40
         rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device,
-                            args.recheck_rel, args.alpha_steps, args.pgd_precision))
+                            args.alpha_steps, args.pgd_precision))
     print(table(rows, methods))
-    exact = [m for m in methods if m in certmin.SOUND_METHODS]
-    rechecked = [m for m in methods if m not in exact]
-    if exact:
-        print(f"{' and '.join(exact)} certificates hold in exact arithmetic (certmin.sound_bounds)")
+    print(f"{', '.join(methods)}: every certificate holds in exact arithmetic (certmin.sound_bounds)")
     for r in rows:
         print(f"time at eps {r['eps']:.4f}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()))
-        if args.dtype == "float32" and rechecked:
-            print(f"float64 recheck at eps {r['eps']:.4f}: " + ", ".join(
-                f"{m} {r['float64_rechecked'][m]} rechecked, {r['float64_refuted'][m]} refuted" for m in rechecked))
     bad = sum(r["certified_but_attacked"] for r in rows)
     if bad:
         print(f"\n!!! SOUNDNESS BUG: {bad} example(s) certified but misclassified by PGD "
@@ -221,7 +178,7 @@ def main(argv=None):
             json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
                        "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
                        "pgd_precision": args.pgd_precision, "seed": args.seed,
-                       "exact_arithmetic": exact,
+                       "exact_arithmetic": methods,
                        "rows": rows, "certified_but_attacked": bad}, f, indent=1)
     return 1 if bad else 0
 
