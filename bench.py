@@ -285,7 +285,8 @@ def schedule_report(argv):
         names = "" if len(exact) == len(runs) else " for " + ", ".join(r["run"] for r in exact)
         methods = exact[0]["verify"]["exact_arithmetic"]
         others = names or any(set(r["verify"]["methods"]) - set(methods) for r in exact)
-        how = (f"{' and '.join(methods)} certificates in exact arithmetic{names} (certmin.sound_bounds)"
+        listed = " and ".join([", ".join(methods[:-1]), methods[-1]] if len(methods) > 1 else methods)
+        how = (f"{listed} certificates in exact arithmetic{names} (certmin.sound_bounds)"
                + (", the others confirmed in float64" if others else ""))
     lines.append(f"\nErrors in % on {n} MNIST test images at eps {runs[0]['verify']['rows'][0]['eps']:.4f}, verify.py "
                  f"({how}); the paper's figures are DM-large's (method.md section 6).")
