@@ -700,9 +700,10 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
     pessimistic (it assumes every rounding errs the same way, by the most it can), so the arithmetic is
     float64 by default, where it is about 1e-11 of the margins' scale for IBP and CROWN-IBP (each
     rounding charged where it happens; convolutions as unfold (fold, backward) and a matrix product).
-    CROWN and alpha-CROWN run as bounds() runs them, in float64, with one bound on all their rounding
-    (_Rounding) that grows with the network's size (float32 is refused past ~170 000 neurons; float64's
-    widening is about 5e-8 of the margins' scale on a trained DM-small). The weights and box convert
+    CROWN and alpha-CROWN compute their intermediate bounds as bounds() does, in float64, widened by one
+    bound on all their rounding (_Rounding, which grows with the network's size and depth: float32 is
+    refused past ~170 000 neurons), and take their last pass from CROWN-IBP's charged one over those
+    boxes (alpha-CROWN: or its own, widened by _Rounding, whichever is tighter). The weights and box convert
     exactly into a dtype at least as wide as theirs. progress, alpha_steps, alpha_lr: as for bounds().
     For certificates; no gradient."""
     if method not in SOUND_METHODS:
@@ -725,14 +726,8 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
             if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1 and method == "ibp":
                 return _sound_elided(m, lo, hi, C.to(dtype))
             lo, hi = _sound_step(m, lo, hi)
-        if method == "crown-ibp":  # in chunks of examples: a convolution's unfolded A is kernel-size times A
-            rows = 2 * (len(lo[0]) if C is None else C.shape[1])
-            per_example = rows * max(box[0][0].numel() * (m.weight[0].numel() if isinstance(m, nn.Conv2d) else 1)
-                                     for m, box in zip(layers, boxes))
-            n = max(1, SOUND_BUDGET // per_example)
-            parts = [_sound_crown(layers, [(l[j:j + n], u[j:j + n]) for l, u in boxes],
-                                  None if C is None else C[j:j + n], len(lo[0])) for j in range(0, len(lo), n)]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if method == "crown-ibp":
+            return _sound_crown_chunked(layers, boxes, C, len(lo[0]))
         if C is not None:  # the last layer is not Linear: C is one more affine map, with no bias
             lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C.to(dtype), None)
     return lo, hi
@@ -790,6 +785,17 @@ def _underflow(n, hmax):
     """(N, 1): a bound on what underflow adds to inner products of n terms that then meet h (|h| <= hmax):
     each product or sum loses at most the smallest normal number, absolutely."""
     return 2 * (n + 1) * torch.finfo(hmax.dtype).tiny * (1 + hmax.flatten(1).sum(1, keepdim=True))
+
+
+def _sound_crown_chunked(layers, boxes, C, classes):
+    """_sound_crown in chunks of examples: a convolution's unfolded A is kernel-size times A."""
+    rows = 2 * (classes if C is None else C.shape[1])
+    per_example = rows * max(box[0][0].numel() * (m.weight[0].numel() if isinstance(m, nn.Conv2d) else 1)
+                             for m, box in zip(layers, boxes))
+    n, N = max(1, SOUND_BUDGET // per_example), len(boxes[0][0])
+    parts = [_sound_crown(layers, [(l[j:j + n], u[j:j + n]) for l, u in boxes], None if C is None else C[j:j + n],
+                          classes) for j in range(0, N, n)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _sound_crown(layers, boxes, C, classes):
@@ -866,8 +872,8 @@ class _Rounding:
     |xu|), and IBP (which CROWN's intermediate bounds are intersected with) errs by at most
     2 gamma_N M. E = 16 (R + 2) gamma_{N+K} M_rho covers all of these twice over (the factor 2 also
     covers M's own rounding); each intermediate bound is widened by its E before any later layer uses it
-    (widen), so every relaxation is built on a box that holds in exact arithmetic, and the final bounds
-    by theirs (final). Underflow: at most (N + K)^2 roundings per row, each losing at most the smallest
+    (widen), so every relaxation is built on a box that holds in exact arithmetic, and alpha-CROWN's final
+    bounds by theirs (final; CROWN's last pass is _sound_crown's, charged step by step). Underflow: at most (N + K)^2 roundings per row, each losing at most the smallest
     normal number against values at most 1 + (the largest sum of M over a layer)."""
 
     def __init__(self, layers, xl, xu, shapes):
@@ -876,6 +882,7 @@ class _Rounding:
         L, R = len(layers), sum(isinstance(m, nn.ReLU) for m in layers)
         n = sum(math.prod(s) for s in shapes) + 2 * L + 4  # N + K; the output's neurons are added in final
         self.n, self.R, self.big = n, R, self.M.flatten(1).sum(1)
+        self.boxes = {}  # ReLU index -> its widened bounds
 
     def _advance(self, stop):
         for m in self.layers[self.at:stop]:
@@ -905,6 +912,7 @@ class _Rounding:
         l, u = _down(l - E), _up(u + E)
         self.M = torch.where(u > 0, self.M, 0)
         self.at = i + 1
+        self.boxes[i] = (l, u)
         return l, u
 
     def final(self, C, outputs):
@@ -917,21 +925,37 @@ class _Rounding:
 
 
 def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
-    """CROWN or alpha-CROWN (the code of bounds()) in xl's dtype, with every bound widened by _Rounding's E.
-    Convolutions run with cuDNN and oneDNN off: PyTorch's own kernels are a matrix product (im2col, col2im),
-    which the inner-product error bound covers; a Winograd or FFT kernel it would not."""
+    """CROWN or alpha-CROWN in xl's dtype. The intermediate bounds are full CROWN's (the code of bounds()),
+    each widened by _Rounding's E before use; the last pass is _sound_crown's, every rounding charged where
+    it happens, over those boxes (intersected with sound IBP's). alpha-CROWN: the better of that and its own
+    last pass (the code of bounds()) widened by E. Convolutions run with cuDNN and oneDNN off: PyTorch's own
+    kernels are a matrix product (im2col, col2im), which the inner-product error bound covers; a Winograd or
+    FFT kernel it would not."""
     dtype = xl.dtype
     layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
-    shapes = _ibp(layers, xl, xu, C, record=True, check=False)[3]
+    _, _, pre, shapes = _ibp(layers, xl, xu, C, record=True, check=False)
     rounding = _Rounding(layers, xl, xu, shapes)
     was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
     torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
     try:
-        lb, ub = _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=rounding.widen)
+        if method == "alpha-crown":
+            lb, ub = _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=rounding.widen)
+            pre = rounding.boxes
+        else:
+            pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=rounding.widen)
     finally:
         torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
-    E = rounding.final(C, lb.shape[1] if C is None else C.shape[-1])
-    return _down(lb - E), _up(ub + E)
+    lo, hi, boxes = xl, xu, []  # every layer's input box: sound IBP, intersected with the widened CROWN bounds
+    for i, m in enumerate(layers):
+        if i in pre:
+            lo, hi = torch.maximum(lo, pre[i][0]), torch.minimum(hi, pre[i][1])
+        boxes.append((lo, hi))
+        lo, hi = _sound_step(m, lo, hi)
+    slb, sub = _sound_crown_chunked(layers, boxes, C, lo.shape[1])
+    if method == "alpha-crown":
+        E = rounding.final(C, lo.shape[1] if C is None else C.shape[-1])
+        slb, sub = torch.maximum(slb, _down(lb - E)), torch.minimum(sub, _up(ub + E))
+    return slb, sub
 
 
 # ----------------------------------------------------------------------------------------------
