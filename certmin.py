@@ -584,14 +584,20 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
         return _bounds(_layers(model), xl, xu, C, method, progress, alpha_steps, alpha_lr)
 
 
-def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=None):
+def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
     lb, ub, pre, shapes = _ibp(layers, xl, xu, C, record=method != "ibp")
     if method == "ibp":
         return lb, ub
     if method in ("crown", "alpha-crown"):
-        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=widen)
+        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress)
+    return _last_pass(layers, xl, xu, C, pre, shapes, lb.shape[1], method, alpha_steps, alpha_lr)
+
+
+def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr):
+    """(lb, ub) of C f (or of the outputs) from the intermediate bounds pre: alpha-CROWN's optimised pass,
+    or CROWN's."""
     if C is None:
-        C = _eye_rows(0, lb.shape[1], lb.shape[1], lb.shape[0], xl)
+        C = _eye_rows(0, outputs, outputs, len(xl), xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
     if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
@@ -873,8 +879,9 @@ class _Rounding:
     2 gamma_N M. E = 16 (R + 2) gamma_{N+K} M_rho covers all of these twice over (the factor 2 also
     covers M's own rounding); each intermediate bound is widened by its E before any later layer uses it
     (widen), so every relaxation is built on a box that holds in exact arithmetic, and alpha-CROWN's final
-    bounds by theirs (final; CROWN's last pass is _sound_crown's, charged step by step). Underflow: at most (N + K)^2 roundings per row, each losing at most the smallest
-    normal number against values at most 1 + (the largest sum of M over a layer)."""
+    bounds by theirs (final; CROWN's last pass is _sound_crown's, charged step by step). Underflow: at
+    most (N + K)^2 roundings per row, each losing at most the smallest normal number against values at
+    most 1 + (the largest sum of M over a layer)."""
 
     def __init__(self, layers, xl, xu, shapes):
         self.layers, self.at = layers, 0
@@ -882,7 +889,6 @@ class _Rounding:
         L, R = len(layers), sum(isinstance(m, nn.ReLU) for m in layers)
         n = sum(math.prod(s) for s in shapes) + 2 * L + 4  # N + K; the output's neurons are added in final
         self.n, self.R, self.big = n, R, self.M.flatten(1).sum(1)
-        self.boxes = {}  # ReLU index -> its widened bounds
 
     def _advance(self, stop):
         for m in self.layers[self.at:stop]:
@@ -912,16 +918,16 @@ class _Rounding:
         l, u = _down(l - E), _up(u + E)
         self.M = torch.where(u > 0, self.M, 0)
         self.at = i + 1
-        self.boxes[i] = (l, u)
         return l, u
 
-    def final(self, C, outputs):
+    def final(self, C):
         """E for the network's outputs, or for C's rows."""
         self._advance(len(self.layers))
         M = self.M.flatten(1)
+        n = self.n + M.shape[1]  # the output's neurons (C's inner products are that long too)
         if C is not None:
             M = (C.abs() @ M.unsqueeze(-1)).squeeze(-1)
-        return self._error(M, self.n + outputs)
+        return self._error(M, n)
 
 
 def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
@@ -933,16 +939,14 @@ def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr
     FFT kernel it would not."""
     dtype = xl.dtype
     layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
-    _, _, pre, shapes = _ibp(layers, xl, xu, C, record=True, check=False)
+    out, _, pre, shapes = _ibp(layers, xl, xu, record=True, check=False)
     rounding = _Rounding(layers, xl, xu, shapes)
     was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
     torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
     try:
+        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=rounding.widen)
         if method == "alpha-crown":
-            lb, ub = _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr, widen=rounding.widen)
-            pre = rounding.boxes
-        else:
-            pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=rounding.widen)
+            lb, ub = _last_pass(layers, xl, xu, C, pre, shapes, out.shape[1], method, alpha_steps, alpha_lr)
     finally:
         torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
     lo, hi, boxes = xl, xu, []  # every layer's input box: sound IBP, intersected with the widened CROWN bounds
@@ -951,9 +955,9 @@ def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr
             lo, hi = torch.maximum(lo, pre[i][0]), torch.minimum(hi, pre[i][1])
         boxes.append((lo, hi))
         lo, hi = _sound_step(m, lo, hi)
-    slb, sub = _sound_crown_chunked(layers, boxes, C, lo.shape[1])
+    slb, sub = _sound_crown_chunked(layers, boxes, C, out.shape[1])
     if method == "alpha-crown":
-        E = rounding.final(C, lo.shape[1] if C is None else C.shape[-1])
+        E = rounding.final(C)
         slb, sub = torch.maximum(slb, _down(lb - E)), torch.minimum(sub, _up(ub + E))
     return slb, sub
 
