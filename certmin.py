@@ -312,14 +312,19 @@ class _ReluStep(torch.autograd.Function):
         return g_A, None, g_d_u, g_b_u
 
 
-def _backward(layers, A, pre, shapes, upto, relu_step=None):
-    """CROWN backward pass: a linear lower bound of A . layers[:upto](x) as A_in . x + bias.
-    A is (N, S, *output shape of layers[upto-1]); returns A_in (N, S, *input shape) and bias (N, S).
-    relu_step(i, A) -> (A, bias), if given, replaces the adaptive relaxation of ReLU i (alpha-CROWN)."""
+def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=None):
+    """CROWN backward pass: a linear lower bound of A . layers[:upto](x) + bias as A_in . x + bias'.
+    A is (N, S, *output shape of layers[upto-1]); returns A_in (N, S, *input shape) and bias' (N, S).
+    relu_step(i, A) -> (A, bias), if given, replaces the adaptive relaxation of ReLU i (alpha-CROWN).
+    ledger (sound_bounds): charges every step's rounding and supplies ReLU relaxations valid exactly."""
     N, S = A.shape[:2]
-    bias = A.new_zeros(N, S)
+    bias = A.new_zeros(N, S) if bias is None else bias
+    if ledger is not None:
+        ledger.begin(bias)
     for i in range(upto - 1, -1, -1):
         m = layers[i]
+        if ledger is not None:
+            ledger.step(i, A)
         if isinstance(m, nn.Linear):
             if m.bias is not None:
                 bias = bias + A @ m.bias
@@ -336,7 +341,10 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None):
             A = F.conv_transpose2d(A.reshape(N * S, *A.shape[2:]), m.weight, None, m.stride, m.padding,
                                    op, m.groups, m.dilation).view(N, S, cin, h, w)
         elif isinstance(m, nn.ReLU):
-            A, b = relu_step(i, A) if relu_step is not None else _ReluStep.apply(A, *_relax(*pre[i]))
+            if relu_step is not None:
+                A, b = relu_step(i, A)
+            else:
+                A, b = _ReluStep.apply(A, *(ledger.relax(i) if ledger is not None else _relax(*pre[i])))
             bias = bias + b
         elif isinstance(m, Normalize):
             bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
@@ -346,10 +354,13 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None):
     return A, bias
 
 
-def _concretize(A, bias, xl, xu):
-    """min over the box of A x + bias, by the centre/radius form."""
-    c, r = ((xu + xl) / 2).flatten(1).unsqueeze(-1), ((xu - xl) / 2).flatten(1).unsqueeze(-1)
-    A = A.flatten(2)
+def _concretize(A, bias, xl, xu, ledger=None):
+    """min over the box of A x + bias, by the centre/radius form (a ledger charges its rounding; its
+    caller then subtracts all charges with ledger.close)."""
+    c, r = _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+    if ledger is not None:
+        ledger.input(A, c.abs() + r)
+    c, r, A = c.flatten(1).unsqueeze(-1), r.flatten(1).unsqueeze(-1), A.flatten(2)
     return (A @ c).squeeze(-1) - (A.abs() @ r).squeeze(-1) + bias
 
 
@@ -373,11 +384,12 @@ def _window(T, y0, x0, h, w):
     return F.pad(T, (P, P, P, P)).flatten(2).gather(2, flat).view(N, C, R, h, w).transpose(1, 2)
 
 
-def _patch_bounds(layers, i, idx, pre, shapes, xl, xu):
+def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
     """Lower and upper CROWN bounds (N, k) of the pre-activations idx (N, k) of ReLU i, whose layer
     i - 1 is a Conv2d with only Conv2d / ReLU / Normalize below it. A conv neuron depends on its
     receptive field alone, so each row is kept as a patch over that field and its offset (the layout
-    auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's."""
+    auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's. ledger:
+    as for _backward (the bounds come back with every rounding charged)."""
     conv = layers[i - 1]
     cout, H, W = shapes[i]
     o, oh, ow = idx // (H * W), (idx // W) % H, idx % W
@@ -392,11 +404,16 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu):
     bias = conv.bias[o] if conv.bias is not None else A.new_zeros(N, k)
     A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)       # lower rows, then upper rows
     y0, x0 = (oh * sh - ph).repeat(1, 2), (ow * sw - pw).repeat(1, 2)   # each patch's top-left corner
+    if ledger is not None:
+        ledger.begin(bias)
     for j in range(i - 2, -1, -1):
         m = layers[j]
         h, w = A.shape[-2:]
+        if ledger is not None:
+            ledger.step(j, A, lambda v: _window(v, y0, x0, h, w))  # (called within step)
         if isinstance(m, nn.ReLU):  # (entries over the padding of the layer above get slopes 0: no neurons)
-            d_l, d_u, b_u = _window(torch.cat(_relax(*pre[j]), 1), y0, x0, h, w).chunk(3, 2)
+            relax = ledger.relax(j) if ledger is not None else _relax(*pre[j])
+            d_l, d_u, b_u = _window(torch.cat(relax, 1), y0, x0, h, w).chunk(3, 2)
             neg = A.clamp(max=0)
             bias = bias + (neg * b_u).flatten(2).sum(-1)
             A = A.clamp(min=0) * d_l + neg * d_u
@@ -414,8 +431,12 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu):
             A = A.view(N, 2 * k, *A.shape[1:])
             y0, x0 = y0 * m.stride[0] - m.padding[0], x0 * m.stride[1] - m.padding[1]
     h, w = A.shape[-2:]
-    c, r = _window((xu + xl) / 2, y0, x0, h, w), _window((xu - xl) / 2, y0, x0, h, w)  # zero outside the image
+    c, r = _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+    c, r = _window(c, y0, x0, h, w), _window(r, y0, x0, h, w)  # zero outside the image
     lb = (A * c).flatten(2).sum(-1) - (A.abs() * r).flatten(2).sum(-1) + bias
+    if ledger is not None:
+        ledger.input(A, c.abs() + r)
+        lb = ledger.close(lb)
     return lb[:, :k], -lb[:, k:]
 
 
@@ -436,15 +457,15 @@ def _patch_elements(layers, i, shapes):
     return size
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, widen=None):
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, ledger=None):
     """Full CROWN: replace the IBP bounds in pre by tighter ones, layer by layer. At each ReLU the
     bounds are first IBP from the (already tightened) ReLU before; then the neurons that these leave
     unstable (l < 0 < u) get a CROWN backward pass each, and keep the tighter of their IBP and CROWN
     bounds. Both savings are sound: a stable neuron's relaxation is exact whatever its bounds, and
     the intersection of two boxes that contain the set contains it. textbook=True is plain CROWN
     (every neuron, CROWN bounds alone), kept as a reference. Rows go in chunks so that A stays under
-    `budget` elements; progress(neurons done, neurons in all) is called after each chunk. widen(i, l, u)
-    -> (l, u), if given, replaces ReLU i's final bounds before anything uses them (sound_bounds)."""
+    `budget` elements; progress(neurons done, neurons in all) is called after each chunk. ledger
+    (sound_bounds): the IBP bounds are its sound ones, and every CROWN pass has its rounding charged."""
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
@@ -452,7 +473,9 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
     total, done = sum(math.prod(shapes[i]) for i in todo), 0
     c, r, start = (xu + xl) / 2, (xu - xl) / 2, 0
     for i in sorted(pre):
-        if not textbook:  # IBP from the tightened box of the ReLU before
+        if ledger is not None:
+            pre[i] = ledger.box(i)
+        elif not textbook:  # IBP from the tightened box of the ReLU before
             for m in layers[start:i]:
                 c, r = _ibp_layer(m, c, r)
             pre[i] = (c - r, c + r)
@@ -471,16 +494,18 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
                 k = idx.shape[1]
                 valid = torch.arange(s, s + k, device=idx.device) < count.unsqueeze(1)
                 if patch:
-                    low, up = _patch_bounds(layers, i, idx, pre, shapes, xl, xu)
+                    low, up = _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger)
                 else:
                     if isinstance(affine, nn.Linear):  # start below the Linear layer: its rows
                         A = affine.weight[idx]
                         b = affine.bias[idx] if affine.bias is not None else A.new_zeros(idx.shape)
-                        A, b, upto = torch.cat([A, -A], 1), torch.cat([b, -b], 1), i - 1
+                        A, b, upto = torch.cat([A, -A], 1), torch.cat([b, -b], 1).to(xl.dtype), i - 1
                     else:  # one-hot rows over the layer's neurons
                         E = torch.zeros(N, k, n, dtype=xl.dtype, device=xl.device).scatter_(2, idx.unsqueeze(-1), 1)
-                        A, b, upto = torch.cat([E, -E], 1).reshape(N, -1, *shape), 0, i
-                    lb = _concretize(*_backward(layers, A.to(xl.dtype), pre, shapes, upto), xl, xu) + b
+                        A, b, upto = torch.cat([E, -E], 1).reshape(N, -1, *shape), None, i
+                    lb = _concretize(*_backward(layers, A.to(xl.dtype), pre, shapes, upto, bias=b, ledger=ledger),
+                                     xl, xu, ledger)
+                    lb = lb if ledger is None else ledger.close(lb)
                     low, up = lb[:, :k], -lb[:, k:]
                 if not textbook:
                     low, up = torch.max(low, l.gather(1, idx)), torch.min(up, u.gather(1, idx))
@@ -492,18 +517,19 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
             done += n
             if progress is not None and S == 0:
                 progress(done, total)
-        if widen is not None:
-            pre[i] = widen(i, *pre[i])
+        if ledger is not None:
+            ledger.tighten(i, *pre[i])
         lo, hi = (t.clamp(min=0) for t in pre[i])
         c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
     return pre
 
 
-def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
+def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr, ledger=None):
     """alpha-CROWN's last pass: the lower slope of every unstable neuron, one per specification row,
     becomes a variable alpha in [0, 1], started at the adaptive slope and moved by Adam (projected) to
-    raise the bound. Any alpha in [0, 1] gives a sound bound, so the best per row is kept."""
-    relax = {i: _relax(*(t.detach() for t in pre[i])) for i in pre}
+    raise the bound. Any alpha in [0, 1] gives a sound bound, so the best per row is kept. ledger: as
+    for _backward (each step's bound has its rounding charged before it can be the best)."""
+    relax = {i: ledger.relax(i) if ledger is not None else _relax(*(t.detach() for t in pre[i])) for i in pre}
     unstable = {i: (pre[i][0] < 0) & (pre[i][1] > 0) for i in pre}
     S2 = A.shape[1]
     alpha = {i: relax[i][0].unsqueeze(1).expand(-1, S2, *relax[i][0].shape[1:]).clone().requires_grad_(True)
@@ -515,13 +541,17 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
         neg = A.clamp(max=0)
         return A.clamp(min=0) * low + neg * d_u.unsqueeze(1), (neg * b_u.unsqueeze(1)).flatten(2).sum(-1)
 
+    def bound():
+        lb = _concretize(*_backward(layers, A, pre, shapes, len(layers), step, ledger=ledger), xl, xu, ledger)
+        return lb, lb.detach() if ledger is None else ledger.close(lb.detach())
+
     A = A.detach()
     with torch.enable_grad():
-        best = _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu).detach()  # = CROWN
+        best = bound()[1]  # = CROWN
         opt = torch.optim.Adam(list(alpha.values()), lr=lr) if alpha else None
         for _ in range(steps if alpha else 0):
-            lb = _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu)
-            best = torch.max(best, lb.detach())
+            lb, sound = bound()
+            best = torch.max(best, sound)
             grads = torch.autograd.grad(-lb.sum(), list(alpha.values()))
             for a, g in zip(alpha.values(), grads):
                 a.grad = g
@@ -531,7 +561,7 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr):
                     a.clamp_(0, 1)
         if alpha:  # the last step's alpha too
             with torch.no_grad():
-                best = torch.max(best, _concretize(*_backward(layers, A, pre, shapes, len(layers), step), xl, xu))
+                best = torch.max(best, bound()[1])
     return best
 
 
@@ -593,21 +623,30 @@ def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
     return _last_pass(layers, xl, xu, C, pre, shapes, lb.shape[1], method, alpha_steps, alpha_lr)
 
 
-def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr):
+def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr, ledger=None):
     """(lb, ub) of C f (or of the outputs) from the intermediate bounds pre: alpha-CROWN's optimised pass,
-    or CROWN's."""
+    or CROWN's. ledger: as for _backward."""
     if C is None:
         C = _eye_rows(0, outputs, outputs, len(xl), xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
     if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
-        per_example = max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
-        n = max(1, ALPHA_BUDGET // per_example)
-        lbs = torch.cat([_alpha_crown(layers, A[j:j + n], {i: (lo[j:j + n], hi[j:j + n]) for i, (lo, hi) in pre.items()},
-                                      shapes, xl[j:j + n], xu[j:j + n], alpha_steps, alpha_lr)
-                         for j in range(0, len(A), n)])
+        n = ALPHA_BUDGET // max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
+    elif ledger is not None:  # sound_bounds' passes hold a few more tensors of A's size
+        n = SOUND_BUDGET // (A.shape[1] * max(math.prod(s) for s in shapes))
     else:
-        lbs = _concretize(*_backward(layers, A, pre, shapes, len(layers)), xl, xu)
+        n = len(A)
+    n, parts = max(1, n), []
+    for j in range(0, len(A), n):
+        part = slice(j, j + n)
+        p = {i: (lo[part], hi[part]) for i, (lo, hi) in pre.items()}
+        led = None if ledger is None else ledger.part(part)
+        if method == "alpha-crown":
+            parts.append(_alpha_crown(layers, A[part], p, shapes, xl[part], xu[part], alpha_steps, alpha_lr, led))
+        else:
+            lb = _concretize(*_backward(layers, A[part], p, shapes, len(layers), ledger=led), xl[part], xu[part], led)
+            parts.append(lb if led is None else led.close(lb))
+    lbs = torch.cat(parts)
     return lbs[:, :S], -lbs[:, S:]
 
 
@@ -624,7 +663,7 @@ def margin_lower(model, xl, xu, C, beta=0.0, check=True):
 
 # ----------------------------------------------------------------------------------------------
 # 3b. Bounds that hold in exact arithmetic. A bound computed in floats is a bound of neither the float
-#     nor the real network until its rounding is accounted for. sound_bounds is IBP (or CROWN-IBP) with
+#     nor the real network until its rounding is accounted for. sound_bounds is each method with
 #     every rounding bounded and added outward: an inner product of n terms computed in floats, in any
 #     order, with or without FMA, errs by at most gamma_n = n u / (1 - n u) times the inner product of
 #     the absolute values (u: the unit roundoff; Higham, Accuracy and Stability of Numerical
@@ -695,23 +734,20 @@ def _sound_affine(lo, hi, n, f, W, b, extra=None):
 
 
 SOUND_METHODS = METHODS
-SOUND_BUDGET = 2 ** 26  # elements of the largest unfolded tensor in sound CROWN-IBP's backward pass (512 MB)
+SOUND_BUDGET = 2 ** 24  # elements of A in a chunk of examples of sound_bounds' last pass (128 MB in float64)
 
 
 def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progress=None,
                  alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
     """Bounds (lb, ub) of C f(x) over [xl, xu] (as bounds() returns them, in dtype) that hold in exact
     arithmetic: for every real x in the box, the real network with these weights lies inside. Any of
-    METHODS; the bounds are the method's, widened by a bound on every rounding. That a priori bound is
-    pessimistic (it assumes every rounding errs the same way, by the most it can), so the arithmetic is
-    float64 by default, where it is about 1e-11 of the margins' scale for IBP and CROWN-IBP (each
-    rounding charged where it happens; convolutions as unfold (fold, backward) and a matrix product).
-    CROWN and alpha-CROWN compute their intermediate bounds as bounds() does, in float64, widened by one
-    bound on all their rounding (_Rounding, which grows with the network's size and depth: float32 is
-    refused past ~170 000 neurons), and take their last pass from CROWN-IBP's charged one over those
-    boxes (alpha-CROWN: or its own, widened by _Rounding, whichever is tighter). The weights and box convert
-    exactly into a dtype at least as wide as theirs. progress, alpha_steps, alpha_lr: as for bounds().
-    For certificates; no gradient."""
+    METHODS, computed by the code of bounds() with every rounding charged where it happens (IBP: each
+    layer's, _sound_step; the backward passes: _Ledger). The charges assume that every rounding errs
+    the same way, by the most it can, so the arithmetic is float64 by default, where they are about
+    1e-11 of the margins' scale (float32 arithmetic is refused where an inner product has more than
+    ~160 000 terms). Convolutions run as matrix products (cuDNN and oneDNN off; a Winograd or FFT kernel
+    would escape the inner-product bound). The weights and box convert exactly into a dtype at least as
+    wide as theirs. progress, alpha_steps, alpha_lr: as for bounds(). For certificates; no gradient."""
     if method not in SOUND_METHODS:
         raise ValueError(f"sound_bounds has no method {method!r}; choose one of {', '.join(SOUND_METHODS)}")
     layers = _layers(model)
@@ -721,22 +757,29 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
               and torch.finfo(t.dtype).eps < torch.finfo(dtype).eps]
     if narrow:
         raise ValueError(f"sound_bounds in {dtype} would round values of type {narrow[0]}; use dtype=torch.float64")
-    lo, hi = xl.to(dtype), xu.to(dtype)
-    boxes = []  # the box of every layer's input
-    with _ieee(xl.device.type), torch.no_grad():
-        if method in ("crown", "alpha-crown"):
-            return _sound_full_crown(layers, lo, hi, None if C is None else C.to(dtype), method, progress,
-                                     alpha_steps, alpha_lr)
-        for i, m in enumerate(layers):
-            boxes.append((lo, hi))
-            if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1 and method == "ibp":
-                return _sound_elided(m, lo, hi, C.to(dtype))
-            lo, hi = _sound_step(m, lo, hi)
-        if method == "crown-ibp":
-            return _sound_crown_chunked(layers, boxes, C, len(lo[0]))
-        if C is not None:  # the last layer is not Linear: C is one more affine map, with no bias
-            lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C.to(dtype), None)
-    return lo, hi
+    lo, hi, C = xl.to(dtype), xu.to(dtype), None if C is None else C.to(dtype)
+    was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
+    torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
+    try:
+        with _ieee(xl.device.type), torch.no_grad():
+            if method == "ibp":
+                for i, m in enumerate(layers):
+                    if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1:
+                        return _sound_elided(m, lo, hi, C)
+                    lo, hi = _sound_step(m, lo, hi)
+                if C is not None:  # the last layer is not Linear: C is one more affine map, with no bias
+                    lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C, None)
+                return lo, hi
+            layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
+            out, _, pre, shapes = _ibp(layers, lo, hi, record=True, check=False)  # for the shapes
+            ledger = _Ledger(layers, lo, hi)
+            if method == "crown-ibp":
+                pre = {i: ledger.box(i) for i in pre}
+            else:
+                pre = _crown_intermediate(layers, lo, hi, pre, shapes, progress=progress, ledger=ledger)
+            return _last_pass(layers, lo, hi, C, pre, shapes, out.shape[1], method, alpha_steps, alpha_lr, ledger)
+    finally:
+        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
 
 
 def _w(m, dtype):
@@ -768,198 +811,111 @@ def _sound_elided(m, lo, hi, C):
     return _sound_affine(lo, hi, m.in_features, _per_example, C @ W, None if b is None else C @ b, extra)
 
 
-def _dot(A, v):
-    """(N, R) inner products of A's rows (N, R, *shape) with v (N or 1, *shape), per example."""
-    v = v.expand(len(A), *A.shape[2:])
-    return (A.flatten(2) @ v.flatten(1).unsqueeze(-1)).squeeze(-1)
-
-
-def _sound_back(m, A, shape):
-    """(A W, n): A (N, R, *output shape) times a Linear or Conv2d layer's weight, back to its input shape,
-    as a matrix product (and fold, which sums the overlapping patches); n terms per entry at most."""
-    W = m.weight.to(A.dtype)
-    if isinstance(m, nn.Linear):
-        return A @ W, m.out_features
-    N, R, G = *A.shape[:2], m.groups
-    o, n = W.shape[0] // G, W[0].numel()
-    cols = W.reshape(G, o, n).transpose(1, 2) @ A.reshape(N * R, G, o, -1)  # (N R, G, n, L)
-    out = F.fold(cols.flatten(1, 2), shape[-2:], m.kernel_size, m.dilation, m.padding, m.stride)
-    return out.view(N, R, *shape), o * math.prod(m.kernel_size)
-
-
 def _underflow(n, hmax):
     """(N, 1): a bound on what underflow adds to inner products of n terms that then meet h (|h| <= hmax):
     each product or sum loses at most the smallest normal number, absolutely."""
     return 2 * (n + 1) * torch.finfo(hmax.dtype).tiny * (1 + hmax.flatten(1).sum(1, keepdim=True))
 
 
-def _sound_crown_chunked(layers, boxes, C, classes):
-    """_sound_crown in chunks of examples: a convolution's unfolded A is kernel-size times A."""
-    rows = 2 * (classes if C is None else C.shape[1])
-    per_example = rows * max(box[0][0].numel() * (m.weight[0].numel() if isinstance(m, nn.Conv2d) else 1)
-                             for m, box in zip(layers, boxes))
-    n, N = max(1, SOUND_BUDGET // per_example), len(boxes[0][0])
-    parts = [_sound_crown(layers, [(l[j:j + n], u[j:j + n]) for l, u in boxes], None if C is None else C[j:j + n],
-                          classes) for j in range(0, N, n)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def _sound_relax(l, u):
+    """_relax with an upper line valid in exact arithmetic: the slope is any float, and the intercept is
+    rounded up until the line lies above relu at both ends of [l, u] (so on all of it: relu is convex)."""
+    d_l, s, _ = _relax(l, u)
+    t = torch.maximum(_up(-s * l), _up(u - _down(s * u)))
+    return d_l, s, torch.where((l < 0) & (u > 0), t, 0)
 
 
-def _sound_crown(layers, boxes, C, classes):
-    """CROWN-IBP's last pass, backward, with its rounding charged. Invariant: for every x in the box,
-    C f(x) >= A . h + sum(terms) - sum(charge), with h the exact input of the layer reached, A exactly
-    the floats held, and every rounding of a product or sum bounded against the boxes of h."""
-    lo = boxes[0][0]
-    N, dtype = len(lo), lo.dtype
-    if C is None:
-        C = torch.eye(classes, dtype=dtype, device=lo.device).expand(N, -1, -1)
-    A = torch.cat([C, -C], 1).to(dtype)  # upper bounds are lower bounds of -C f
-    terms, charge = [], []
-    for i in range(len(layers) - 1, -1, -1):
-        m, (lo, hi) = layers[i], boxes[i]
-        n, hmax = lo[0].numel(), torch.maximum(lo.abs(), hi.abs())
-        if isinstance(m, nn.ReLU):
-            active, unstable = lo >= 0, (lo < 0) & (hi > 0)
-            s = torch.where(unstable, hi / torch.where(unstable, hi - lo, 1), active.to(dtype))
-            # any slope s with t >= -s lo and t >= hi - s hi makes s z + t >= relu(z) on [lo, hi] (relu is
-            # convex): the chord's slope as rounded, and t rounded up; the lower slope is 0 or 1 (_relax)
-            t = torch.where(unstable, torch.maximum(_up(-s * lo), _up(hi - _down(s * hi))), 0)
-            d_l = torch.where(unstable, (hi > -lo).to(dtype), active.to(dtype))
-            neg = A.clamp(max=0)
-            A = A * torch.where(A < 0, s.unsqueeze(1), d_l.unsqueeze(1))  # a product by s rounds, by 0 or 1 not
-            terms.append(_dot(neg, t))
-            charge.append(_gamma(n, dtype) * (_dot(neg.abs(), t) + _dot(A.abs(), hmax)) + _underflow(n, hmax))
-        elif isinstance(m, nn.Flatten):
-            A = A.reshape(*A.shape[:2], *lo.shape[1:])
-        elif isinstance(m, Normalize):  # A . (h - mean) / std = (A / std) . h - A . (mean / std)
-            q = (m.mean.to(dtype) / m.std.to(dtype)).expand_as(lo[:1])  # rounded, as is A / std: charged
-            terms.append(-_dot(A, q))
-            A, A_out = A / m.std.to(dtype), A
-            charge.append(_gamma(n, dtype) * (_dot(A.abs(), hmax) + _dot(A_out.abs(), q.abs())) + _underflow(n, hmax))
-        else:  # Linear, Conv2d: A . (W h + b) = (A W) . h + A . b
-            W, b = _w(m, dtype)
-            size = _affine_parts(m)[1](hmax.unsqueeze(0), W.abs(), None)[0]  # |W| max|h|, then + |b|
-            if b is not None:
-                bias = b.view(-1, *[1] * (A.dim() - 3)).expand(A.shape[2:]).unsqueeze(0)
-                terms.append(_dot(A, bias))
-                size = size + bias.abs()
-            A_in, k = _sound_back(m, A, lo.shape[1:])  # A W rounds by gamma_k |A| |W| |h|, A . b by gamma |A| |b|
-            k = max(k, A[0, 0].numel())
-            charge.append(_gamma(k, dtype) * _dot(A.abs(), size) + _underflow(k, hmax))
-            A = A_in
-    c, r = _enclose(*boxes[0])  # the minimum over the input box: A c - |A| r
-    terms += [_dot(A, c), -_dot(A.abs(), r)]
-    n = c[0].numel()
-    charge.append(_gamma(n, dtype) * _dot(A.abs(), c.abs() + r) + _underflow(n, c.abs() + r))
-    terms, charge = torch.stack(terms), torch.stack(charge)
-    # summing K terms errs by gamma_K times the sum of their sizes; the charges carry their own room
-    K = len(terms)
-    err = charge.sum(0) + _gamma(K, dtype) * terms.abs().sum(0) + 2 * (K + 1) * torch.finfo(dtype).tiny
-    lb = _down(terms.sum(0) - err)
-    S = C.shape[1]
-    return lb[:, :S], -lb[:, S:]
+class _Ledger:
+    """The rounding of CROWN's backward passes (_backward, _patch_bounds, _concretize) run in floats,
+    charged where it happens, for sound_bounds. A pass keeps a lower bound of row . f(x) as
+    A . h + bias, h the exact input of the layer reached and A the floats held. Each step is charged
+    against the box of h, which holds exactly (box: the input box, then sound IBP, intersected at each
+    ReLU with the charged CROWN bounds of that ReLU, tighten):
+    - Linear, Conv2d: A . (W h + b) = (A W) . h + A . b. Every entry of A W, and A . b, is an inner
+      product of at most n terms (the out features; a transposed convolution's o kh kw; the layer's
+      neurons), so the two err by at most gamma_n <|A|, |W| max|h| + |b|>.
+    - ReLU: the lower slope is 0 or 1 (alpha-CROWN's: any float in [0, 1]), the upper line is
+      _sound_relax's: A . relu(z) >= A' . z + A^- . t exactly, A' the exact product of A and the
+      slopes. A' as rounded errs by u |A| entrywise, and A^- . t by gamma_n |A| t: gamma_n <|A|, max|z| + t>.
+    - Normalize: A . (h - mean) / std = (A / std) . h - A . (mean / std): gamma_n <|A|, max|h| / std + |mean / std|>.
+    - The input box: the minimum over [c - r, c + r] (_enclose: it contains [xl, xu]) of A x is
+      A c - |A| r, which errs by gamma_n <|A|, |c| + r>.
+    Each step's <|A|, v> also bounds the term it adds to bias, and the K sums into bias err by at most
+    gamma_K times those terms' sizes together. gamma (_gamma) has twice the room needed, which covers
+    the rounding of the charges themselves; underflow: _underflow per step. close(lb) subtracts it all,
+    rounded outward: a bound of row . f(x) in exact arithmetic for every x in the box."""
 
+    def __init__(self, layers, xl, xu):
+        self.layers, self.boxes, self.cache = layers, [(xl, xu)], {}
 
-class _Rounding:
-    """An a priori bound on everything CROWN and alpha-CROWN round when run in floats, for sound_bounds.
+    def box(self, j):
+        """The box of layer j's input."""
+        while len(self.boxes) <= j:
+            self.boxes.append(_sound_step(self.layers[len(self.boxes) - 1], *self.boxes[-1]))
+        return self.boxes[j]
 
-    The magnitude M: the network run forward from max(|xl|, |xu|) with |W|, |b| and |mean| (Normalize),
-    each ReLU passing M where its (widened) upper bound is positive and 0 elsewhere. M bounds |h| at every
-    layer for every x in the box. For one row rho (an intermediate neuron, or a row of C, with |C| M) every
-    backward matrix A_k held satisfies |A_k| M_k <= (1 + gamma) M_rho: slopes lie in [0, 1] and vanish
-    where the upper bound is <= 0. The bound the method computes for rho sums at most K = 2 L + 4 terms
-    (biases, chord intercepts -l d_u with |l| <= 2 M, the input box), which in absolute value add up
-    to at most (2 R + 2) M_rho (R ReLU layers: the biases and the box telescope into M_rho). Every inner
-    product on the way sums distinct neurons of one layer (zeros, as over padding, add exactly), and
-    gamma_a + gamma_b <= gamma_{a+b}: all of one row's products and sums together err by at most
-    gamma_{N+K} (N: all the network's neurons) times those absolute values, against the same arithmetic
-    done exactly with the same (rounded) matrices, slopes and intercepts. That exact value is a bound
-    when the relaxations are valid: a lower slope in [0, 1] always is; the rounded chord misses relu by
-    at most 4 u max(|l|, |u|) per neuron, the rounded box centre and radius miss the box by u (|xl| +
-    |xu|), and IBP (which CROWN's intermediate bounds are intersected with) errs by at most
-    2 gamma_N M. E = 16 (R + 2) gamma_{N+K} M_rho covers all of these twice over (the factor 2 also
-    covers M's own rounding); each intermediate bound is widened by its E before any later layer uses it
-    (widen), so every relaxation is built on a box that holds in exact arithmetic, and alpha-CROWN's final
-    bounds by theirs (final; CROWN's last pass is _sound_crown's, charged step by step). Underflow: at
-    most (N + K)^2 roundings per row, each losing at most the smallest normal number against values at
-    most 1 + (the largest sum of M over a layer)."""
+    def tighten(self, i, l, u):
+        """ReLU i's box is [l, u] now (it must hold exactly); what was derived from the old one goes."""
+        self.box(i)
+        self.boxes[i + 1:], self.boxes[i] = [], (l, u)
+        self.cache = {k: v for k, v in self.cache.items() if k[1] < i}
 
-    def __init__(self, layers, xl, xu, shapes):
-        self.layers, self.at = layers, 0
-        self.M = torch.maximum(xl.abs(), xu.abs())
-        L, R = len(layers), sum(isinstance(m, nn.ReLU) for m in layers)
-        n = sum(math.prod(s) for s in shapes) + 2 * L + 4  # N + K; the output's neurons are added in final
-        self.n, self.R, self.big = n, R, self.M.flatten(1).sum(1)
+    def part(self, rows):
+        """The same ledger for the examples rows (a slice) alone."""
+        self.box(len(self.layers) - 1)
+        part = _Ledger(self.layers, None, None)
+        part.boxes = [(l[rows], u[rows]) for l, u in self.boxes]
+        return part
 
-    def _advance(self, stop):
-        for m in self.layers[self.at:stop]:
-            if isinstance(m, nn.Linear):
-                self.M = F.linear(self.M, m.weight.abs(), None if m.bias is None else m.bias.abs())
-            elif isinstance(m, nn.Conv2d):
-                self.M = F.conv2d(self.M, m.weight.abs(), None if m.bias is None else m.bias.abs(), m.stride,
-                                  m.padding, m.dilation, m.groups)
+    def relax(self, i):
+        if ("relax", i) not in self.cache:
+            self.cache["relax", i] = _sound_relax(*self.box(i))
+        return self.cache["relax", i]
+
+    def _charge(self, j):
+        """(v, n, underflow) of layer j: each step is charged gamma_n <|A|, v> + underflow."""
+        if ("v", j) not in self.cache:
+            m, (lo, hi) = self.layers[j], self.box(j)
+            hmax, n = torch.maximum(lo.abs(), hi.abs()), lo[0].numel()
+            if isinstance(m, nn.ReLU):
+                v = hmax + self.relax(j)[2]
             elif isinstance(m, Normalize):
-                self.M = (self.M + m.mean.abs()) / m.std
-            elif isinstance(m, nn.Flatten):
-                self.M = self.M.flatten(1)
-            # a ReLU reached here is one widen has passed already (it masks M there)
-            self.big = torch.maximum(self.big, self.M.flatten(1).sum(1))
-        self.at = max(self.at, stop)
+                v = hmax / m.std + (m.mean / m.std).abs()
+            else:  # Linear, Conv2d
+                W, b = m.weight, m.bias
+                v = _affine_parts(m)[1](hmax.unsqueeze(0), W.abs(), None)[0]
+                v = v if b is None else v + b.abs().view(-1, *[1] * (v.dim() - 2))
+                k = m.out_features if isinstance(m, nn.Linear) else W.shape[0] // m.groups * math.prod(m.kernel_size)
+                n = max(k, v[0].numel())
+            self.cache["v", j] = v, n, _underflow(n, hmax)
+        return self.cache["v", j]
 
-    def _error(self, M, n):
-        dtype = M.dtype
-        gamma = _gamma(n, dtype)
-        tiny = n * n * torch.finfo(dtype).tiny * (1 + self.big.view(-1, *[1] * (M.dim() - 1)))
-        return _up(16 * (self.R + 2) * gamma * M + tiny)
+    def begin(self, bias):
+        self.charge, self.size, self.k = 0, bias.detach().abs(), 1
 
-    def widen(self, i, l, u):
-        """ReLU i's bounds, widened by E, and M past ReLU i."""
-        self._advance(i)
-        E = self._error(self.M, self.n)
-        l, u = _down(l - E), _up(u + E)
-        self.M = torch.where(u > 0, self.M, 0)
-        self.at = i + 1
-        return l, u
+    def _add(self, A, v, n, under):
+        D = (A.detach().abs() * v).flatten(2).sum(-1)
+        self.charge = self.charge + _gamma(n, A.dtype) * D + under
+        self.size = self.size + D
 
-    def final(self, C):
-        """E for the network's outputs, or for C's rows."""
-        self._advance(len(self.layers))
-        M = self.M.flatten(1)
-        n = self.n + M.shape[1]  # the output's neurons (C's inner products are that long too)
-        if C is not None:
-            M = (C.abs() @ M.unsqueeze(-1)).squeeze(-1)
-        return self._error(M, n)
+    def step(self, j, A, window=None):
+        """Charge the step back through layer j; A: the rows over its output. window(v) -> v over A's
+        patches (_patch_bounds)."""
+        if not isinstance(self.layers[j], nn.Flatten):
+            v, n, under = self._charge(j)
+            self._add(A, v.unsqueeze(1) if window is None else window(v), n, under)
+            self.k += 1
 
+    def input(self, A, v):
+        """Charge the concretisation over the input box, v = |c| + r (or its patches)."""
+        n = A[0, 0].numel()
+        self._add(A, v.unsqueeze(1) if v.dim() < A.dim() else v, n, _underflow(n, v))
+        self.k += 2
 
-def _sound_full_crown(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
-    """CROWN or alpha-CROWN in xl's dtype. The intermediate bounds are full CROWN's (the code of bounds()),
-    each widened by _Rounding's E before use; the last pass is _sound_crown's, every rounding charged where
-    it happens, over those boxes (intersected with sound IBP's). alpha-CROWN: the better of that and its own
-    last pass (the code of bounds()) widened by E. Convolutions run with cuDNN and oneDNN off: PyTorch's own
-    kernels are a matrix product (im2col, col2im), which the inner-product error bound covers; a Winograd or
-    FFT kernel it would not."""
-    dtype = xl.dtype
-    layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
-    out, _, pre, shapes = _ibp(layers, xl, xu, record=True, check=False)
-    rounding = _Rounding(layers, xl, xu, shapes)
-    was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
-    torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
-    try:
-        pre = _crown_intermediate(layers, xl, xu, pre, shapes, progress=progress, widen=rounding.widen)
-        if method == "alpha-crown":
-            lb, ub = _last_pass(layers, xl, xu, C, pre, shapes, out.shape[1], method, alpha_steps, alpha_lr)
-    finally:
-        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
-    lo, hi, boxes = xl, xu, []  # every layer's input box: sound IBP, intersected with the widened CROWN bounds
-    for i, m in enumerate(layers):
-        if i in pre:
-            lo, hi = torch.maximum(lo, pre[i][0]), torch.minimum(hi, pre[i][1])
-        boxes.append((lo, hi))
-        lo, hi = _sound_step(m, lo, hi)
-    slb, sub = _sound_crown_chunked(layers, boxes, C, out.shape[1])
-    if method == "alpha-crown":
-        E = rounding.final(C)
-        slb, sub = torch.maximum(slb, _down(lb - E)), torch.minimum(sub, _up(ub + E))
-    return slb, sub
+    def close(self, lb):
+        """lb less every charge: a lower bound in exact arithmetic."""
+        tiny = torch.finfo(lb.dtype).tiny
+        return _down(lb - _up(self.charge + _gamma(self.k, lb.dtype) * self.size + 2 * (self.k + 1) * tiny))
 
 
 # ----------------------------------------------------------------------------------------------
