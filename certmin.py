@@ -836,7 +836,8 @@ class _Ledger:
       neurons), so the two err by at most gamma_n <|A|, |W| max|h| + |b|>.
     - ReLU: the lower slope is 0 or 1 (alpha-CROWN's: any float in [0, 1]), the upper line is
       _sound_relax's: A . relu(z) >= A' . z + A^- . t exactly, A' the exact product of A and the
-      slopes. A' as rounded errs by u |A| entrywise, and A^- . t by gamma_n |A| t: gamma_n <|A|, max|z| + t>.
+      slopes. A' as rounded errs by u |A| entrywise, and A^- . t by gamma_n |A| t, both only at unstable
+      neurons (a stable one multiplies by 0 or 1, exactly, and has t = 0): gamma_n <|A|, max|z| + t> there.
     - Normalize: A . (h - mean) / std = (A / std) . h - A . (mean / std): gamma_n <|A|, max|h| / std + |mean / std|>.
     - The input box: the minimum over [c - r, c + r] (_enclose: it contains [xl, xu]) of A x is
       A c - |A| r, which errs by gamma_n <|A|, |c| + r>.
@@ -877,8 +878,8 @@ class _Ledger:
         if ("v", j) not in self.cache:
             m, (lo, hi) = self.layers[j], self.box(j)
             hmax, n = torch.maximum(lo.abs(), hi.abs()), lo[0].numel()
-            if isinstance(m, nn.ReLU):
-                v = hmax + self.relax(j)[2]
+            if isinstance(m, nn.ReLU):  # a stable neuron's slopes are 0 or 1 and its intercept 0: exact
+                v = torch.where((lo < 0) & (hi > 0), hmax + self.relax(j)[2], 0)
             elif isinstance(m, Normalize):
                 v = hmax / m.std + (m.mean / m.std).abs()
             else:  # Linear, Conv2d
