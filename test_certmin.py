@@ -776,14 +776,17 @@ def test_sound_bounds_through_normalize_alone_encloses_the_exact_values(seed, dt
     assert_encloses_exact(net, x, x, None, lb, ub)
 
 
-def test_sound_crown_ibp_in_chunks_of_examples_gives_the_same_bounds_up_to_rounding(monkeypatch):
+@pytest.mark.parametrize("method", ["crown-ibp", "crown", "alpha-crown"])
+def test_sound_bounds_in_chunks_of_examples_give_the_same_bounds_up_to_rounding(monkeypatch, method):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).double()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 2 * 2, 10)).double()
     x, y = torch.rand(7, 1, 6, 6, dtype=torch.float64), torch.randint(0, 10, (7,))
     C, box = certmin.margin_spec(y, 10).double(), certmin.input_box(x, 0.05, outward=True)
-    whole = certmin.sound_bounds(net, *box, C, "crown-ibp")
+    whole = certmin.sound_bounds(net, *box, C, method)
     monkeypatch.setattr(certmin, "SOUND_BUDGET", 1)  # one example at a time
-    for a, b in zip(whole, certmin.sound_bounds(net, *box, C, "crown-ibp")):
+    monkeypatch.setattr(certmin, "ALPHA_BUDGET", 1)
+    for a, b in zip(whole, certmin.sound_bounds(net, *box, C, method)):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
