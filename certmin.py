@@ -354,10 +354,15 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
     return A, bias
 
 
+def _centre_radius(xl, xu, ledger=None):
+    """The box's centre and radius; with a ledger (sound_bounds), ones whose exact box contains it."""
+    return _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+
+
 def _concretize(A, bias, xl, xu, ledger=None):
     """min over the box of A x + bias, by the centre/radius form (a ledger charges its rounding; its
     caller then subtracts all charges with ledger.close)."""
-    c, r = _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+    c, r = _centre_radius(xl, xu, ledger)
     if ledger is not None:
         ledger.input(A, c.abs() + r)
     c, r, A = c.flatten(1).unsqueeze(-1), r.flatten(1).unsqueeze(-1), A.flatten(2)
@@ -431,8 +436,7 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
             A = A.view(N, 2 * k, *A.shape[1:])
             y0, x0 = y0 * m.stride[0] - m.padding[0], x0 * m.stride[1] - m.padding[1]
     h, w = A.shape[-2:]
-    c, r = _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
-    c, r = _window(c, y0, x0, h, w), _window(r, y0, x0, h, w)  # zero outside the image
+    c, r = (_window(t, y0, x0, h, w) for t in _centre_radius(xl, xu, ledger))  # zero outside the image
     lb = (A * c).flatten(2).sum(-1) - (A.abs() * r).flatten(2).sum(-1) + bias
     if ledger is not None:
         ledger.input(A, c.abs() + r)
@@ -771,7 +775,7 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
                     lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C, None)
                 return lo, hi
             layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
-            out, _, pre, shapes = _ibp(layers, lo, hi, record=True, check=False)  # for the shapes
+            out, _, pre, shapes = _ibp(layers, lo[:1], hi[:1], record=True, check=False)  # the shapes alone
             ledger = _Ledger(layers, lo, hi)
             if method == "crown-ibp":
                 pre = {i: ledger.box(i) for i in pre}
