@@ -521,10 +521,11 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
             done += n
             if progress is not None and S == 0:
                 progress(done, total)
-        if ledger is not None:
+        if ledger is not None:  # the next boxes: sound IBP from this one
             ledger.tighten(i, *pre[i])
-        lo, hi = (t.clamp(min=0) for t in pre[i])
-        c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
+        elif not textbook:  # the next boxes: IBP from this one
+            lo, hi = (t.clamp(min=0) for t in pre[i])
+            c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
     return pre
 
 
