@@ -1527,6 +1527,78 @@ def test_the_cuda_graph_path_gives_the_same_weights_on_the_cpu(tmp_path, monkeyp
     assert [json.loads(line)["loss_ver"] for line in open(tmp_path / "plain" / "log.jsonl")] == [r["loss_ver"] for r in log]
 
 
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero", "masked_select", "unique",
+              "_unique", "_unique2", "unique_consecutive", "allclose"}  # ops whose result the host must wait for
+
+
+def host_reads(monkeypatch):
+    """A dispatch mode that counts, by name, the ATen operators whose result the host must wait for:
+    .item(), bool() and float() of a tensor (_local_scalar_dense), data-dependent shapes (nonzero, a
+    boolean mask's indexing). Adam is torch's and is left out: on CUDA train.py makes it fused or
+    capturable (its step count on the device); on the CPU its step count is a host tensor, read as such."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import collections
+    inside, adam_step = [0], torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        inside[0] += 1
+        try:
+            return adam_step(self, *a, **k)
+        finally:
+            inside[0] -= 1
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            boolean_index = name.startswith("index") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for a in args[1:2] if isinstance(a, (list, tuple))
+                for t in a)
+            if not inside[0] and (name in HOST_READS or boolean_index):
+                self.found[name] += 1
+            return func(*args, **(kwargs or {}))
+    return Reads()
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp32+graphs", "bf16+graphs+cl"])
+def test_the_training_step_never_waits_for_the_device(variant, monkeypatch):
+    """Issue 11: train.py's step (AdvIBP, every phase, eager and the CUDA-graph path) reads nothing back
+    to the host, so on a GPU the host never waits. Every ATen operator the step calls is seen here
+    (small tensors: nothing runs compiled). Fails on a .item(), a bool() of a tensor or a boolean
+    mask's indexing put into the step (checked by hand)."""
+    import argparse
+    setup = argparse.Namespace(dataset="mnist", eps="0.3", model="dm-small", batch=16, device="cpu", clean_n=8)
+    train_, cfg, model, run_step, tally, x, y = bench._step_setup(setup, variant, capture=False)
+    for phase, epoch in bench.PHASE_EPOCH.items():
+        s = train_.schedule(cfg, epoch)
+        assert s["phase"] == phase
+        for _ in range(train_.GraphedStep.WARMUP + 2):  # the eager steps, then the would-be captured path
+            with host_reads(monkeypatch) as reads:
+                run_step(x, y, s)
+            assert not reads.found, f"{phase}: the step reads {dict(reads.found)} back to the host"
+    figures = tally.means()
+    assert math.isfinite(figures["loss_ver"]) and 0 <= figures["clean_wrong"] <= 1
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_train_py_reads_back_per_epoch_not_per_step(tmp_path, monkeypatch, graphs):
+    """The whole training loop (data, schedule, steps, logging, evaluation, checkpoints) reads the
+    device the same number of times whether an epoch has 6 steps or 12: the figures are read once
+    per epoch."""
+    monkeypatch.setattr(train.GraphedStep, "DRY_RUN", True)
+    counts = []
+    for n in (384, 768):
+        with host_reads(monkeypatch) as reads:
+            args = SMALL + ["--train-n", str(n), "--epochs", "3", "--out", str(tmp_path / str(n))]
+            assert in_process(args + (["--cuda-graphs"] if graphs else [])) == 0
+        counts.append(dict(reads.found))
+    assert counts[0] == counts[1], counts
+
+
 def test_channels_last_and_clean_n_train_and_resume(tmp_path):
     """--channels-last only changes the memory layout: every phase trains, weights stay within float
     rounding of the NCHW run, and resume is exact. --clean-n changes the logged clean error only."""
