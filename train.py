@@ -201,8 +201,9 @@ def load_cifar(root, download=True):
         for n in names:
             with open(found / n, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
-            xs.append(torch.as_tensor(d["data"]).view(-1, 3, 32, 32))
-            ys.append(torch.as_tensor(d["labels"]))
+            # the bytes, not the array: torch built against NumPy 1.x (< 2.3) cannot read NumPy 2's arrays
+            xs.append(torch.frombuffer(bytearray(d["data"].tobytes()), dtype=torch.uint8).view(-1, 3, 32, 32))
+            ys.append(torch.tensor(d["labels"]))
         return torch.cat(xs), torch.cat(ys).long()
 
     return [*read(CIFAR_FILES[:5]), *read(CIFAR_FILES[5:])]
