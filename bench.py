@@ -735,6 +735,8 @@ def gpu_run(argv):
                     help="verify.py's arguments (default: IBP, as the paper verifies, and PGD-200 searched in TF32 "
                          "and judged in float32; with a float32 search and CROWN-IBP it took 55 s on an H100)")
     ap.add_argument("--skip-bench", action="store_true", help="no step benchmark: train with graphs and channels_last")
+    ap.add_argument("--no-graphs", action="store_true", help="train without CUDA graphs (e.g. where a separate "
+                    "`bench.py train-step --check` failed)")
     ap.add_argument("--tiny", action="store_true", help="CPU, DM-small, a few hundred images: a dry run")
     args = ap.parse_args(argv)
     t0, out = time.time(), Path(args.out)
@@ -763,6 +765,7 @@ def gpu_run(argv):
         graphs = bool((bench.get("check") or {}).get("pass")) and not args.tiny
         plain, cl = (f"{p}+graphs", f"{p}+graphs+cl") if not args.tiny else (p, f"{p}+cl")
         faster_cl = cl in ms and ms[cl] < ms.get(plain, math.inf)
+    graphs = graphs and not args.no_graphs
     flags = ["--precision", p, "--clean-n", "64", "--cuda-graphs" if graphs else "--no-cuda-graphs"]
     if faster_cl:
         flags.append("--channels-last")
