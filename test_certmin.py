@@ -51,6 +51,12 @@ def examples(n):
 PROP = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL64 = 1e-9   # relative tolerance (times 1 + the largest magnitude involved) in float64
 TOL32 = 2e-5   # the same in float32
+# float32 on random networks, further, relative to sums_scale (the size of the sums, which can be 10^5 times
+# the outputs'): a quarter unit of float32 rounding. Found by 10 000 hypothesis examples (2026-11-27): a
+# 4-layer affine network, weights to 10, output -42, sums 8e5; float32's own forward pass is off by 1e-3
+# there, and the bound by 0.0026, 0.05 units beyond TOL32 alone (6000 other examples: none beyond it).
+# Logic errors are the float64 tests' to catch (TOL64): they run the same code.
+TOL32_SUMS = torch.finfo(torch.float32).eps / 8
 
 
 def autocast_on(device_type):
@@ -142,7 +148,26 @@ def sample_points(net, xl, xu, C, n=48):
     return torch.cat(pts, 1)
 
 
-def assert_contains(net, xl, xu, C, lb, ub, tol):
+def sums_scale(net, xl, xu, C):
+    """1 + the largest entry of |C| |f|(max(|xl|, |xu|)), |f| the network with |W|, |b| and (x + |mean|) / std:
+    the size of the sums that computing C f(x) adds up, to which float rounding is proportional
+    (an inner product errs by at most gamma_n |a| . |b|). Where f's sums cancel it is far above |C f(x)|."""
+    absnet = copy.deepcopy(net)
+    with torch.no_grad():
+        for m in absnet:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.abs_()
+                if m.bias is not None:
+                    m.bias.abs_()
+            elif isinstance(m, certmin.Normalize):
+                m.mean.copy_(-m.mean.abs())
+        z = absnet(torch.maximum(xl.abs(), xu.abs()))
+        return 1 + (z if C is None else (C.abs() @ z.unsqueeze(-1)).squeeze(-1)).max().item()
+
+
+def assert_contains(net, xl, xu, C, lb, ub, tol, sums=0.0):
+    """Every sampled and attacked output lies within tol * scale + sums of [lb, ub], scale = 1 + the
+    largest |output| or |bound|; sums: an allowance for rounding where f's sums cancel (sums_scale)."""
     pts = sample_points(net, xl, xu, C)
     N, P = pts.shape[:2]
     Cr = C.repeat_interleave(P, 0) if C is not None else None
@@ -151,8 +176,8 @@ def assert_contains(net, xl, xu, C, lb, ub, tol):
     scale = 1 + max(out.abs().max().item(), lb.abs().max().item(), ub.abs().max().item())
     low_gap = (lb.unsqueeze(1) - out).max().item()
     high_gap = (out - ub.unsqueeze(1)).max().item()
-    assert low_gap <= tol * scale, f"lower bound exceeds an output by {low_gap}"
-    assert high_gap <= tol * scale, f"upper bound below an output by {high_gap}"
+    assert low_gap <= tol * scale + sums, f"lower bound exceeds an output by {low_gap}"
+    assert high_gap <= tol * scale + sums, f"upper bound below an output by {high_gap}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +205,7 @@ def test_bounds_are_sound_in_float32(case, eps, method):
     xl, xu = certmin.input_box(x, eps)
     lb, ub = certmin.bounds(net, xl, xu, C, method)
     assert lb.dtype == torch.float32
-    assert_contains(net, xl, xu, C, lb, ub, TOL32)
+    assert_contains(net, xl, xu, C, lb, ub, TOL32, TOL32_SUMS * sums_scale(net, xl, xu, C))
 
 
 @settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -201,7 +226,7 @@ def test_bounds_ignore_the_callers_autocast_and_reduced_precision(case, eps, met
     finally:
         torch.set_float32_matmul_precision("highest")
     assert all(torch.equal(a, b) for a, b in zip(plain, inside))
-    assert_contains(net, xl, xu, C, *inside, TOL32)
+    assert_contains(net, xl, xu, C, *inside, TOL32, TOL32_SUMS * sums_scale(net, xl, xu, C))
 
 
 PER_OPERATOR = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")  # torch >= 2.9
