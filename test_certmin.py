@@ -1598,11 +1598,12 @@ def test_the_training_step_never_waits_for_the_device(variant, monkeypatch):
     import argparse
     setup = argparse.Namespace(dataset="mnist", eps="0.3", model="dm-small", batch=16, device="cpu", clean_n=8)
     train_, cfg, model, run_step, tally, x, y = bench._step_setup(setup, variant, capture=False)
+    reads = host_reads(monkeypatch)
     for phase, epoch in bench.PHASE_EPOCH.items():
         s = train_.schedule(cfg, epoch)
         assert s["phase"] == phase
         for _ in range(train_.GraphedStep.WARMUP + 2):  # the eager steps, then the would-be captured path
-            with host_reads(monkeypatch) as reads:
+            with reads:
                 run_step(x, y, s)
             assert not reads.found, f"{phase}: the step reads {dict(reads.found)} back to the host"
     figures = tally.means()
@@ -1615,9 +1616,10 @@ def test_train_py_reads_back_per_epoch_not_per_step(tmp_path, monkeypatch, graph
     device the same number of times whether an epoch has 6 steps or 12: the figures are read once
     per epoch."""
     monkeypatch.setattr(train.GraphedStep, "DRY_RUN", True)
-    counts = []
+    counts, reads = [], host_reads(monkeypatch)
     for n in (384, 768):
-        with host_reads(monkeypatch) as reads:
+        reads.found.clear()
+        with reads:
             args = SMALL + ["--train-n", str(n), "--epochs", "3", "--out", str(tmp_path / str(n))]
             assert in_process(args + (["--cuda-graphs"] if graphs else [])) == 0
         counts.append(dict(reads.found))
