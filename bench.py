@@ -588,6 +588,14 @@ def train_step_bench(argv):
     common += [f"--profile={args.profile}"] if args.profile else []
     jobs = [("--one", v) for v in args.variants.split(",") if v] + ([("--check-one", "fp32")] if args.check else [])
     rows, check = [], None
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+
+    def save():  # after every job: what a killed run measured is kept
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
+                           "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
+                           "check": check}, f, indent=1)
     for flag, variant in jobs:
         cmd = [sys.executable, __file__, "train-step", *common, f"{flag}={variant}"]
         try:
@@ -603,7 +611,7 @@ def train_step_bench(argv):
         print(f"  {flag[2:]} {variant}: " + (f"{result['ms']:.2f} ms" if "ms" in result else
                                               json.dumps({k: v for k, v in result.items() if k != "figures"})[:3000]),
               file=sys.stderr, flush=True)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+        save()
     print(f"\n{args.model}, {args.dataset}, batch {args.batch}, phase {args.phase}, {dev}, torch {torch.__version__}\n")
     print("| variant | ms / step | peak memory | graphs captured |")
     print("|---|---|---|---|")
@@ -618,11 +626,6 @@ def train_step_bench(argv):
             f"relative l2 weight difference {check['rel_diff_graphs_vs_eager']:.2e}, eager vs eager "
             f"{check['rel_diff_eager_vs_eager']:.2e}: {'PASS' if check['pass'] else 'FAIL'}" if "pass" in check
             else f"failed: {check.get('error', '')[-500:]}"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
-                       "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
-                       "check": check}, f, indent=1)
     return 0 if all("ms" in r for r in rows) and (check is None or check.get("pass")) else 1
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 # .gpu/data/mnist and ../shared/models' four MNIST networks in .gpu/models (carry [".gpu"]); each call
 # at once after the one before (a warm machine is given back after 30 s idle, and its compile cache
 # with it):
-#   1 (timeout_s 120): bash results/cuda_mnist_0.3/gpu_calls.sh 1 2>&1 | tee $OUT/call1.log
+#   1 (timeout_s 130): bash results/cuda_mnist_0.3/gpu_calls.sh 1 2>&1 | tee $OUT/call1.log
 #        the 8 ms target, and a smoke test of the GPU path (CUDA graphs, torch.compile, bf16,
 #        channels_last) before the long call: if its graphs check fails, add --no-graphs to call 2
 #   2 (timeout_s 600): bash results/cuda_mnist_0.3/gpu_calls.sh 2 [--no-graphs] 2>&1 | tee $OUT/call2.log
@@ -30,7 +30,7 @@ case "$1" in
     else
         SIZE="--steps 50 --windows 3 --warmup 10"; V=bf16+graphs+cl
     fi
-    timeout -k 5 110 python bench.py train-step --device $DEV --phase joint --variants $V $SIZE --check \
+    timeout -k 5 120 python bench.py train-step --device $DEV --phase joint --variants $V $SIZE --check \
         --clean-n 64 --timeout 60 --json "$OUT/bench_step.json" --profile "$OUT/prof"
     took train-step $?
     for f in "$OUT"/prof/profile_*.txt; do [ -e "$f" ] && mv "$f" "$OUT/$(basename "$f" | tr + _)"; done
