@@ -235,13 +235,18 @@ class _IbpRelu(torch.autograd.Function):
         return _fused(_ibp_relu_backward, *ctx.saved_tensors, g_c, g_r)
 
 
+def _centre_radius(xl, xu, ledger=None):
+    """The box's centre and radius; with a ledger (sound_bounds), ones whose exact box contains it."""
+    return _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+
+
 def _ibp(layers, xl, xu, C=None, record=False, check=True):
     """Interval bounds. Returns (lb, ub, pre, shapes): pre[i] = (l, u) at the input of ReLU i (when
     record), shapes[i] = the input shape of layer i. With C the last Linear layer is elided.
     check=False skips the non-empty box check (for boxes from input_box, non-empty by construction)."""
     if check and not bool((xl <= xu).all()):
         raise ValueError("the input box is empty somewhere (xl > xu); build it with certmin.input_box")
-    c, r = (xu + xl) / 2, (xu - xl) / 2
+    c, r = _centre_radius(xl, xu)
     pre, shapes, last = {}, [], len(layers) - 1
     for i, m in enumerate(layers):
         shapes.append(c.shape[1:])
@@ -256,8 +261,7 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
         elif isinstance(m, nn.ReLU):  # CROWN needs the pre-activation bounds, and their gradient
             l, u = c - r, c + r
             pre[i] = (l, u)
-            l, u = l.clamp(min=0), u.clamp(min=0)
-            c, r = (u + l) / 2, (u - l) / 2
+            c, r = _centre_radius(l.clamp(min=0), u.clamp(min=0))
         else:
             c, r = _ibp_layer(m, c, r)
     if C is not None:  # the last layer is not Linear: apply C to the interval
@@ -352,11 +356,6 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
         else:  # Flatten
             A = A.reshape(N, S, *shapes[i])
     return A, bias
-
-
-def _centre_radius(xl, xu, ledger=None):
-    """The box's centre and radius; with a ledger (sound_bounds), ones whose exact box contains it."""
-    return _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
 
 
 def _concretize(A, bias, xl, xu, ledger=None):
@@ -475,7 +474,7 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
     todo = [i for i in sorted(pre) if _affine_count(layers[:i]) > 1]
     total, done = sum(math.prod(shapes[i]) for i in todo), 0
-    c, r, start = (xu + xl) / 2, (xu - xl) / 2, 0
+    (c, r), start = _centre_radius(xl, xu), 0
     for i in sorted(pre):
         if ledger is not None:
             pre[i] = ledger.box(i)
@@ -524,8 +523,7 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
         if ledger is not None:  # the next boxes: sound IBP from this one
             ledger.tighten(i, *pre[i])
         elif not textbook:  # the next boxes: IBP from this one
-            lo, hi = (t.clamp(min=0) for t in pre[i])
-            c, r, start = (hi + lo) / 2, (hi - lo) / 2, i + 1
+            (c, r), start = _centre_radius(*(t.clamp(min=0) for t in pre[i])), i + 1
     return pre
 
 
