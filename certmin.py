@@ -1060,6 +1060,7 @@ def smooth_ramp(t, start, length, final, init=0.0):
 # ----------------------------------------------------------------------------------------------
 
 MODES = ("advibp", "advibp-biased", "mgda", "sum")
+SCOPES = ("full", "first")  # which gradient the weights are computed from (the update always uses all of it)
 
 
 class TwoGradient:
@@ -1069,17 +1070,22 @@ class TwoGradient:
     eps is final (final=True), "advibp" and "mgda" compute them from bias-corrected moving averages of
     the *previous* steps' gradients only, so the weights are independent of the current minibatch and
     the combined stochastic gradient is unbiased. "advibp-biased" keeps using the current batch; "sum"
-    uses k = (1, 1). Weights use the full parameter vector (the authors' code used the first tensor
-    only). With a process group, both gradients (and the losses and FOSC) are averaged across it
+    uses k = (1, 1). scope="full" (the default) computes the weights from the full parameter vector;
+    scope="first" from the first trainable tensor's gradient alone, as the authors' code does, and
+    applies them to the full gradients. With a process group, both gradients (and the losses and FOSC) are averaged across it
     first, so every rank applies the same weights: DistributedDataParallel semantics.
     """
 
-    def __init__(self, params, mode="advibp", beta_grad=0.9, beta_norm=0.99, group=None):
+    def __init__(self, params, mode="advibp", beta_grad=0.9, beta_norm=0.99, group=None, scope="full"):
         if mode not in MODES:
             raise ValueError(f"unknown weighting mode {mode!r}; choose one of {', '.join(MODES)}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown gradient scope {scope!r}; choose one of {', '.join(SCOPES)}")
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("TwoGradient got no parameters that require gradients")
+        # how many leading entries of the flat gradient the weights see: all, or the first tensor's
+        self.scope, self.scope_n = scope, (self.params[0].numel() if scope == "first" else None)
         self.mode, self.beta_grad, self.beta_norm, self.group = mode, beta_grad, beta_norm, group
         self.was_final, self.pending = False, None
         self.count = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # pairs averaged
@@ -1156,19 +1162,20 @@ class TwoGradient:
         if final and not self.was_final:  # restart the averages at the first step with the final eps
             self.m_a, self.pending = None, None
         self.was_final = self.was_final or final
-        norm_a, norm_b = g_a.norm(), g_b.norm()
+        w_a, w_b = g_a[:self.scope_n], g_b[:self.scope_n]  # what the weights see (views: no copy)
+        norm_a, norm_b = w_a.norm(), w_b.norm()
         if not final or self.mode in ("advibp-biased", "sum"):
-            m_a, m_b, n_a, n_b = g_a, g_b, norm_a.double(), norm_b.double()
+            m_a, m_b, n_a, n_b = w_a, w_b, norm_a.double(), norm_b.double()
         else:
             if self.m_a is None:  # no past yet: take the current gradients
-                self._update(g_a, g_b)
+                self._update(w_a, w_b)
             else:  # the averages hold previous steps only; the current pair waits for the next step
                 if self.pending is None:
-                    self.pending = (g_a.clone(), g_b.clone())
+                    self.pending = (w_a.clone(), w_b.clone())
                 else:
                     self._update(*self.pending)
-                    self.pending[0].copy_(g_a)
-                    self.pending[1].copy_(g_b)
+                    self.pending[0].copy_(w_a)
+                    self.pending[1].copy_(w_b)
             m_a, m_b, n_a, n_b = self._averages()
         k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
         combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
@@ -1180,11 +1187,13 @@ class TwoGradient:
                 "g_adv_norm": norm_a, "g_ver_norm": norm_b}
 
     def state_dict(self):
-        return {"mode": self.mode, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
+        return {"mode": self.mode, "scope": self.scope, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
                 "m_b": self.m_b, "n_a": self.n_a, "n_b": self.n_b,
                 "pending": list(self.pending) if self.pending is not None else None}
 
     def load_state_dict(self, state):
+        if state.get("scope", "full") != self.scope:
+            raise ValueError(f"this state was saved with scope {state.get('scope', 'full')!r}, not {self.scope!r}")
         dev = self.params[0].device
         move = lambda t: t.to(dev, copy=True) if t is not None else None  # noqa: E731; copies: the state is updated in place
         self.was_final = state["was_final"]

@@ -1321,6 +1321,45 @@ def test_two_gradient_writes_the_combined_gradient(mode):
             assert k["k_reg"] == 0 and 0 <= k["k_adv"] <= 1 and math.isclose(k["k_adv"] + k["k_ver"], 1)
 
 
+@pytest.mark.parametrize("mode", ["advibp", "advibp-biased"])
+def test_first_tensor_scope_weights_from_the_first_gradient_and_updates_all(mode):
+    """scope="first": the weights are those of the rule run on the first tensor alone (the authors' code);
+    every parameter's gradient is then combined with them."""
+    torch.manual_seed(5)
+    net = small_net().double()
+    x, y = torch.rand(16, 1, 3, 4, dtype=torch.float64), torch.randint(0, 4, (16,))
+    params = list(net.parameters())
+    tg = certmin.TwoGradient(params, mode=mode, scope="first")
+    ref = certmin.TwoGradient(params[:1], mode=mode)
+    full = certmin.TwoGradient(params, mode=mode)
+    differs = False
+
+    def losses(step):
+        torch.manual_seed(step)
+        loss_adv = F.cross_entropy(net(certmin.fgsm_rs(net, x + 0.01 * step, y, 0.1)), y)
+        return loss_adv, certmin.verified_loss(net, x, y, 0.1)[0]
+
+    for step in range(5):
+        kf = full.step(*losses(step), fosc=1.0, c_t=0.0, final=step >= 2)
+        kr = ref.step(*losses(step), fosc=1.0, c_t=0.0, final=step >= 2)
+        loss_adv, loss_ver = losses(step)
+        g_a = torch.autograd.grad(loss_adv, params, retain_graph=True)
+        g_b = torch.autograd.grad(loss_ver, params, retain_graph=True)
+        k = tg.step(loss_adv, loss_ver, fosc=1.0, c_t=0.0, final=step >= 2)
+        for key in ("k_adv", "k_ver", "k_reg"):
+            assert torch.allclose(k[key], kr[key], rtol=1e-12, atol=0), key
+        differs = differs or not torch.allclose(k["k_adv"], kf["k_adv"])
+        for p, a, b in zip(params, g_a, g_b):
+            expect = k["k_adv"] * a + (k["k_ver"] + 2 * k["k_reg"] * loss_ver.item()) * b
+            assert torch.allclose(p.grad, expect, atol=1e-12)
+    assert differs  # the scope changes the weights: the test can tell them apart
+    state = tg.state_dict()
+    with pytest.raises(ValueError, match="scope"):
+        certmin.TwoGradient(params, mode=mode).load_state_dict(state)
+    with pytest.raises(ValueError, match="gradient scope"):
+        certmin.TwoGradient(params, scope="second")
+
+
 def test_mgda_is_the_min_norm_point():
     g_a, g_b = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
     theta, la, lb = two_losses(g_a, g_b)
@@ -1497,7 +1536,8 @@ def test_augment_crops_and_flips_on_the_batch():
 def test_schedule_follows_the_scaled_preset():
     args = train.main.__globals__["argparse"].Namespace(
         dataset="cifar", eps=8 / 255, epochs=320, model="dm-large", method="advibp", weights="advibp",
-        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, precision="tf32", pgd_steps=10, channels_last=False, clean_n=0)
+        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, precision="tf32", pgd_steps=10, channels_last=False, clean_n=0,
+        pipeline="paper", weight_scope="full")
     cfg = train.resolve(args)
     assert cfg["adv_ramp"] == [40, 80] and cfg["ver_ramp"] == [81, 181] and cfg["lr_decay"] == [220, 270]
     assert math.isclose(cfg["eps_train"], 8.8 / 255) and cfg["c_max"] == 0.0256
@@ -1508,6 +1548,43 @@ def test_schedule_follows_the_scaled_preset():
     assert train.schedule(cfg, 100)["c_t"] == 0.0256
     for e in [0, 45, 60, 79.9]:  # the adversarial ramp is smooth and below eps_train
         assert 0 <= train.schedule(cfg, e)["eps_adv"] < cfg["eps_train"]
+
+
+def test_released_pipeline_trains_naturally_then_on_the_verified_loss_alone():
+    args = train.main.__globals__["argparse"].Namespace(
+        dataset="mnist", eps=0.3, epochs=250, model="dm-small", method="advibp", weights="advibp",
+        batch_size=256, lr=5e-4, seed=0, val_split=0, train_n=0, precision="tf32", pgd_steps=10, channels_last=False,
+        clean_n=0, pipeline="released", weight_scope="full")
+    cfg = train.resolve(args)
+    s = {e: train.schedule(cfg, e) for e in (5, 30, 75, 99.9, 100, 200)}
+    assert [s[e]["phase"] for e in s] == ["natural", "natural", "ver-ramp", "ver-ramp", "joint-final", "joint-final"]
+    assert all(s[e]["eps_adv"] == 0 for e in (5, 30, 75, 99.9)) and s[100]["eps_adv"] == cfg["eps_train"]
+    assert 0 < s[75]["eps_ver"] < cfg["eps_train"] and s[75]["kappa"] == 0 and s[100]["final"]
+    assert train.step_function("advibp", "ver-ramp") is train.bound_step
+    paper = train.resolve(argparse_namespace(args, pipeline="paper"))
+    assert [train.schedule(paper, e)["phase"] for e in (5, 30, 75, 100)] == ["natural", "adv-warmup", "joint", "joint-final"]
+    ibp = train.resolve(argparse_namespace(args, method="ibp"))  # the option leaves the baselines alone
+    assert [train.schedule(ibp, e)["phase"] for e in (5, 75, 100)] == ["natural", "ibp", "ibp-final"]
+    crown = train.resolve(argparse_namespace(args, method="advcrown-ibp"))
+    assert train.schedule(crown, 75)["phase"] == "ver-ramp" and 0 < train.schedule(crown, 75)["beta"] < 1
+
+
+def argparse_namespace(args, **changes):
+    return train.main.__globals__["argparse"].Namespace(**{**vars(args), **changes})
+
+
+def test_released_pipeline_with_first_tensor_weights_trains_and_resumes_exactly(tmp_path):
+    opts = SMALL + ["--pipeline", "released", "--weight-scope", "first", "--allow-collapse"]
+    assert in_process(opts + ["--out", str(tmp_path / "a")]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert {p for r in log for p in r["phases"]} == {"natural", "ver-ramp", "joint-final"}
+    ck = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert ck["config"]["pipeline"] == "released" and ck["two_gradient"]["scope"] == "first"
+    assert in_process(opts + ["--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert in_process(opts + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = train.load_checkpoint(tmp_path / "b" / "last.pt")
+    for k, v in ck["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
 
 
 def test_training_passes_every_phase_and_resumes_exactly(tmp_path):

@@ -74,7 +74,8 @@ def resolve(args):
              dataset=args.dataset, model=args.model, method=args.method, weights=args.weights,
              batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=args.val_split,
              train_n=args.train_n, precision=args.precision, pgd_steps=args.pgd_steps,
-             channels_last=args.channels_last, clean_n=args.clean_n)
+             channels_last=args.channels_last, clean_n=args.clean_n, pipeline=args.pipeline,
+             weight_scope=args.weight_scope)
     p["shape"] = list(p["shape"])
     return p
 
@@ -93,8 +94,13 @@ def schedule(cfg, e):
         s["eps_ver"] = certmin.smooth_ramp(e, n, v1 - n, et)
         s["kappa"] = certmin.linear_ramp(e, n, v1 - n, cfg["kappa_final"], init=1.0)
         s["beta"] = certmin.linear_ramp(e, n, v1 - n, 0.0, init=1.0) if method == "crown-ibp" else 0.0
-    if method == "natural" or e < cfg["natural"]:
+    released = cfg.get("pipeline") == "released" and method in ("advibp", "advcrown-ibp")
+    if released:  # the authors' released code: no attack before the final eps, L_ver alone through the ramp
+        s["eps_adv"] = s["eps_adv"] if e >= v1 else 0.0
+    if method == "natural" or e < cfg["natural"] or (released and e < v0):
         s["phase"] = "natural"
+    elif released and e < v1:
+        s["phase"] = "ver-ramp"
     elif method in ("advibp", "advcrown-ibp"):
         s["phase"] = "adv-warmup" if e < v0 else ("joint" if e < v1 else "joint-final")
     else:
@@ -323,6 +329,8 @@ def advibp_step(model, x, y, s, cfg):
 def step_function(method, phase):
     if phase == "natural":
         return natural_step
+    if phase == "ver-ramp":  # the released pipeline's ramp: the verified loss alone (kappa 0)
+        return bound_step
     return {"pgd": pgd_step, "ibp": bound_step, "crown-ibp": bound_step}.get(method, advibp_step)
 
 
@@ -525,7 +533,8 @@ def prepare_training(cfg, device, dist, graphs=False):
         # deterministic algorithms were asked for
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     opt = make_optimizer(model, cfg, device, graphs)
-    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group)
+    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group,
+                             scope=cfg.get("weight_scope", "full"))
     return model, opt, tg
 
 
@@ -813,6 +822,14 @@ def main(argv=None):
     ap.add_argument("--weights", default="advibp", choices=certmin.MODES,
                     help="the two-gradient rule, for ablations: advibp (bias-corrected), advibp-biased (current "
                          "batch), mgda (min-norm), sum (1, 1)")
+    ap.add_argument("--pipeline", default="paper", choices=("paper", "released"),
+                    help="for advibp / advcrown-ibp: paper (the paper's algorithm: FGSM-RS warm-up, then the weighted "
+                         "joint loss through the verified-eps ramp) or released (the authors' released code: natural "
+                         "training through the warm-up, the verified loss alone through the ramp, then the same joint "
+                         "rule at full eps)")
+    ap.add_argument("--weight-scope", default="full", choices=certmin.SCOPES,
+                    help="the gradient the two-gradient weights are computed from: full (every parameter) or first "
+                         "(the first trainable tensor only, as the authors' code does); the update uses all of it")
     ap.add_argument("--model", default="dm-large", choices=sorted(MODELS))
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's; scales every epoch number")
     ap.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
