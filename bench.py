@@ -2,16 +2,16 @@
 
     python bench.py                 # per-step time and peak memory: clean, IBP, CROWN-IBP, AdvIBP steps
     python bench.py --batch 64 --model dm-large --steps 5
-    python bench.py study --data ../shared/data   # issue 5: AdvIBP vs baselines and ablations, MNIST
-    python bench.py verify runs/mnist-0.3-advibp/last.pt --data ../shared/data --peers   # issue 9: verification cost
-    python bench.py schedule runs/full/advibp runs/full/ibp   # issue 10: finished runs + verify.json -> results/
-    python bench.py train-step --device cuda --check           # issue 11: train.py's step per variant, graphs check
-    python bench.py preset --out OUT --data D -- --cuda-graphs # issue 11: a preset trained and verified, one folder
-    python bench.py gpu-run --out OUT --data D                 # issue 11: both, inside a time budget (--tiny: CPU)
-    python bench.py rounding ../shared/models/*.pth runs/M/last.pt   # float32 vs float64 bounds, and what sound_bounds keeps
+    python bench.py study --data DATA             # AdvIBP against its baselines and ablations, MNIST
+    python bench.py verify runs/mnist-0.3-advibp --data DATA        # time and verified error per bound method
+    python bench.py schedule runs/full/advibp runs/full/ibp   # finished runs + verify.json -> one table
+    python bench.py train-step --device cuda --check           # train.py's step per variant, graphs check
+    python bench.py preset --out OUT --data D -- --cuda-graphs # a preset trained and verified, one folder
+    python bench.py gpu-run --out OUT --data D                 # both, inside a time budget (--tiny: CPU)
+    python bench.py rounding MODELS/*.pth runs/M/last.pt   # float32 vs float64 bounds, and what sound_bounds keeps
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
-allocator's peak on CUDA) is its own. Targets (issue 2, DM-large, 3x32x32, batch 64, 2 CPU cores):
+allocator's peak on CUDA) is its own. Targets (DM-large, 3x32x32, batch 64, 2 CPU cores):
 IBP <= 2.4x clean, CROWN-IBP <= 15x clean, AdvIBP <= 5x clean, CROWN-IBP peak memory <= 2.5 GiB.
 """
 import argparse
@@ -34,10 +34,26 @@ import torch
 import torch.nn.functional as F
 
 import certmin
+import train
+from train import strict_json
 
 STEPS = ("clean", "ibp", "crown-ibp", "advibp")
 TARGETS = {"ibp": 2.4, "crown-ibp": 15.0, "advibp": 5.0}
 BUILDERS = {"dm-small": certmin.dm_small, "dm-medium": certmin.dm_medium, "dm-large": certmin.dm_large}
+
+
+class ChildError(Exception):
+    pass
+
+
+def child_json(cmd):
+    """Run a measuring child process; its last stdout line as JSON. A failed child's own error (its stderr's
+    last lines) becomes a ChildError, which main() prints as one error: line."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise ChildError(tail.removeprefix("error: ") or f"{' '.join(cmd[1:3])} exited with status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rss_gib():
@@ -80,7 +96,7 @@ def one(kind, args):
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else rss_gib() - base
-    print(json.dumps({"kind": kind, "seconds": statistics.median(times), "peak_gib": peak,
+    print(strict_json({"kind": kind, "seconds": statistics.median(times), "peak_gib": peak,
                       "all_seconds": [round(t, 3) for t in times]}))
 
 
@@ -154,8 +170,40 @@ def _study_plot(results, path):
     return True
 
 
-def study(argv):
-    ap = argparse.ArgumentParser(prog="bench.py study", description="Issue 5: AdvIBP against its baselines and "
+def _study_run(i, runs, name, extra, seed, args, root):
+    """One row's run of the study (trained and verified unless its verify.json exists): its figures."""
+    run_dir = os.path.join(args.out, "study", f"{name}-seed{seed}")
+    report = os.path.join(run_dir, "verify.json")
+    if not os.path.exists(report):
+        cmd = [sys.executable, os.path.join(root, "train.py"), "--dataset", "mnist", "--eps", "0.3",
+               "--model", "dm-small", "--epochs", str(args.epochs), "--seed", str(seed), "--data", args.data,
+               "--out", run_dir, "--eval-every", "1", "--test-n", str(args.n_test), "--train-n", str(args.train_n),
+               *extra]
+        if os.path.exists(os.path.join(run_dir, "last.pt")):
+            cmd.append("--resume")
+        print(f"== run {i + 1}/{len(runs)}: {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        t = time.time()
+        subprocess.run(cmd, check=True)
+        with open(os.path.join(run_dir, "train_seconds"), "a") as f:  # one line per (resumed) part
+            f.write(f"{time.time() - t}\n")
+        subprocess.run([sys.executable, os.path.join(root, "verify.py"), os.path.join(run_dir, "last.pt"),
+                        "--data", args.data, "--n", str(args.n_test), "--json", report], check=True)
+    with open(report) as f:
+        r = json.load(f)["rows"][0]
+    with open(os.path.join(run_dir, "train_seconds")) as f:
+        wall = sum(float(line) for line in f)
+    log = _epoch_log(os.path.join(run_dir, "log.jsonl"))
+    return {"row": name, "seed": seed, "clean_err": r["clean_err"], "pgd_err": r["pgd_err"],
+            "ibp_err": r["verified_err"]["ibp"], "crown_ibp_err": r["verified_err"]["crown-ibp"],
+            "best_err": r["best_verified_err"], "certified_but_attacked": r["certified_but_attacked"],
+            "train_seconds": wall, "seconds_per_epoch": sum(e["seconds"] for e in log) / len(log),
+            "n_test": r["n"], "verify_seconds": r["seconds"],
+            "curve": [{k: e[k] for k in ("epoch", "phase", "eps_ver", "test_clean_err", "test_ibp_verified_err",
+                                         "seconds")} for e in log]}
+
+
+def _study_parser():
+    ap = argparse.ArgumentParser(prog="bench.py study", description="AdvIBP against its baselines and "
                                  "ablations on MNIST eps 0.3, dm-small, one epoch budget and seed for every row. Each run "
                                  "is train.py then verify.py in a subprocess; an interrupted study continues where it stopped.")
     ap.add_argument("--epochs", type=int, default=30, help="epoch budget of every run (default 30: about 2 h on 2 CPU cores)")
@@ -166,8 +214,13 @@ def study(argv):
     ap.add_argument("--n-test", type=int, default=1000, help="test images for PGD-200, the bounds and the curves")
     ap.add_argument("--train-n", type=int, default=0, help="training images (0: all 60000)")
     ap.add_argument("--data", default="data", help="MNIST folder (downloaded there if missing)")
-    ap.add_argument("--out", default="results", help="writes OUT/study.json, OUT/study.md, OUT/study.png "
+    ap.add_argument("--out", default="results/study_cpu", help="writes OUT/study.json, OUT/study.md, OUT/study.png "
                     "(with matplotlib) and the runs in OUT/study/<row>-seed<seed>/")
+    return ap
+
+
+def study(argv):
+    ap = _study_parser()
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = args.rows.split(",")
@@ -178,36 +231,7 @@ def study(argv):
     root = os.path.dirname(os.path.abspath(__file__))
     runs = [(name, extra, seed) for name, extra in STUDY_ROWS if name in rows
             for seed in (seeds if name in seeded else seeds[:1])]
-    results = []
-    for i, (name, extra, seed) in enumerate(runs):
-        run_dir = os.path.join(args.out, "study", f"{name}-seed{seed}")
-        report = os.path.join(run_dir, "verify.json")
-        if not os.path.exists(report):
-            cmd = [sys.executable, os.path.join(root, "train.py"), "--dataset", "mnist", "--eps", "0.3",
-                   "--model", "dm-small", "--epochs", str(args.epochs), "--seed", str(seed), "--data", args.data,
-                   "--out", run_dir, "--eval-every", "1", "--test-n", str(args.n_test), "--train-n", str(args.train_n),
-                   *extra]
-            if os.path.exists(os.path.join(run_dir, "last.pt")):
-                cmd.append("--resume")
-            print(f"== run {i + 1}/{len(runs)}: {name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            t = time.time()
-            subprocess.run(cmd, check=True)
-            with open(os.path.join(run_dir, "train_seconds"), "a") as f:  # one line per (resumed) part
-                f.write(f"{time.time() - t}\n")
-            subprocess.run([sys.executable, os.path.join(root, "verify.py"), os.path.join(run_dir, "last.pt"),
-                            "--data", args.data, "--n", str(args.n_test), "--json", report], check=True)
-        with open(report) as f:
-            r = json.load(f)["rows"][0]
-        with open(os.path.join(run_dir, "train_seconds")) as f:
-            wall = sum(float(line) for line in f)
-        log = _epoch_log(os.path.join(run_dir, "log.jsonl"))
-        results.append({"row": name, "seed": seed, "clean_err": r["clean_err"], "pgd_err": r["pgd_err"],
-                        "ibp_err": r["verified_err"]["ibp"], "crown_ibp_err": r["verified_err"]["crown-ibp"],
-                        "best_err": r["best_verified_err"], "certified_but_attacked": r["certified_but_attacked"],
-                        "train_seconds": wall, "seconds_per_epoch": sum(e["seconds"] for e in log) / len(log),
-                        "n_test": r["n"], "verify_seconds": r["seconds"],
-                        "curve": [{k: e[k] for k in ("epoch", "phase", "eps_ver", "test_clean_err",
-                                                     "test_ibp_verified_err", "seconds")} for e in log]})
+    results = [_study_run(i, runs, name, extra, seed, args, root) for i, (name, extra, seed) in enumerate(runs)]
     summary, counts = {}, {}  # per row, in STUDY_ROWS order: mean and sd over its seeds
     for name, _ in STUDY_ROWS:
         rs = [r for r in results if r["row"] == name]
@@ -221,9 +245,9 @@ def study(argv):
                "python": platform.python_version(), "cuda": torch.cuda.is_available()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "study.json"), "w") as f:
-        json.dump({"epochs": args.epochs, "seeds": seeds, "seeded": seeded, "n_test": args.n_test, "train_n": args.train_n,
+        f.write(strict_json({"epochs": args.epochs, "seeds": seeds, "seeded": seeded, "n_test": args.n_test, "train_n": args.train_n,
                    "eps": 0.3, "eps_train": 0.4, "model": "dm-small", "machine": machine, "summary": summary,
-                   "runs": results}, f, indent=1)
+                   "runs": results}, indent=1))
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if _study_plot(results, os.path.join(args.out, "study.png")):
@@ -232,18 +256,42 @@ def study(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# The full schedule (issue 10): finished train.py runs and their verify.py reports, in one JSON and table
+# The full schedule: finished train.py runs and their verify.py reports, in one JSON and table
 # ---------------------------------------------------------------------------------------------
 
 PAPER_MNIST_03 = {"advibp": {"clean": 1.90, "pgd": 2.87, "ibp": 6.60}, "ibp": {"ibp": 8.05}, "crown-ibp": {"ibp": 7.02}}
 
 
-def schedule_report(argv):
+def _schedule_row(r):
+    """One run's table row. The best test epoch is the authors' model selection (on the test set, here on
+    the images of the per-epoch curve); certmin reports the last epoch, and labels the other."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    cfg, row = r["config"], r["verify"]["rows"][0]
+    ver = row["verified_err"]
+    flags = [f"--weights {cfg['weights']}"] * (cfg["method"] in ("advibp", "advcrown-ibp") and cfg["weights"] != "advibp")
+    flags += [f"--pipeline {cfg['pipeline']}"] * (cfg.get("pipeline", "paper") != "paper")
+    flags += [f"--weight-scope {cfg['weight_scope']}"] * (cfg.get("weight_scope", "full") != "full")
+    paper = {} if flags else PAPER_MNIST_03.get(r["method"], {})  # the paper gives no ablation at 250 epochs
+    curve = [e for e in r["curve"] if e.get("test_ibp_verified_err") is not None]
+    best = min(curve, key=lambda e: e["test_ibp_verified_err"], default=None)
+    best_cell = f"{pct(best['test_ibp_verified_err'])} (epoch {best['epoch']})" if best else "–"
+    return (f"| {' '.join([r['method'], *flags])} seed {r['seed']} | {r['epochs_done']}/{r['epochs']} | "
+            f"{pct(row['clean_err'])} | {pct(row['pgd_err'])} | {pct(ver.get('ibp'))} | {pct(ver.get('crown-ibp'))} | "
+            f"{pct(ver.get('crown'))} | {pct(row['best_verified_err'])} | {best_cell} | {paper.get('clean', '–')} / "
+            f"{paper.get('pgd', '–')} / {paper.get('ibp', '–')} | {r['train_seconds'] / 60:.0f} min |")
+
+
+def _schedule_report_parser():
     ap = argparse.ArgumentParser(prog="bench.py schedule", description="Collect finished train.py runs (RUN/log.jsonl "
                                  "with the per-epoch test curve, RUN/verify.json from verify.py, optionally "
                                  "RUN/verify_alpha.json) into one JSON and a markdown table beside the paper's figures.")
     ap.add_argument("runs", nargs="+", help="run folders")
-    ap.add_argument("--out", default="results/full_schedule", help="writes OUT.json and OUT.md")
+    ap.add_argument("--out", default="results/full_schedule/report", help="writes OUT.json and OUT.md")
+    return ap
+
+
+def schedule_report(argv):
+    ap = _schedule_report_parser()
     args = ap.parse_args(argv)
     runs, lines = [], []
     for run_dir in args.runs:
@@ -263,20 +311,9 @@ def schedule_report(argv):
                      "seed": cfg["seed"], "epochs": cfg["epochs"], "epochs_done": log[-1]["epoch"],
                      "train_seconds": sum(e["seconds"] for e in log), "config": cfg, "verify": report,
                      "verify_alpha": alpha, "curve": [{k: e.get(k) for k in keys} for e in log]})
-    lines.append("| run | epochs | clean | PGD-200 | IBP verified | CROWN-IBP verified | CROWN verified | best verified "
-                 "| paper (DM-large): clean / PGD / verified | train time |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    for r in runs:
-        row = r["verify"]["rows"][0]
-        ver = row["verified_err"]
-        ablation = r["method"] in ("advibp", "advcrown-ibp") and r["weights"] != "advibp"
-        name = f"{r['method']} --weights {r['weights']}" if ablation else r["method"]
-        paper = {} if ablation else PAPER_MNIST_03.get(r["method"], {})  # the paper gives no ablation at 250 epochs
-        lines.append(f"| {name} seed {r['seed']} | {r['epochs_done']}/{r['epochs']} | {pct(row['clean_err'])} | "
-                     f"{pct(row['pgd_err'])} | {pct(ver.get('ibp'))} | {pct(ver.get('crown-ibp'))} | {pct(ver.get('crown'))} "
-                     f"| {pct(row['best_verified_err'])} | {paper.get('clean', '–')} / {paper.get('pgd', '–')} / "
-                     f"{paper.get('ibp', '–')} | {r['train_seconds'] / 60:.0f} min |")
+    lines += ["| run | epochs | clean | PGD-200 | IBP verified | CROWN-IBP verified | CROWN verified | best verified "
+              "| best test epoch (the authors' selection) | paper (DM-large): clean / PGD / verified | train time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"] + [_schedule_row(r) for r in runs]
     n = runs[0]["verify"]["rows"][0]["n"]
     exact = [r for r in runs if r["verify"].get("exact_arithmetic")]  # verified since sound_bounds
     if not exact:
@@ -289,7 +326,9 @@ def schedule_report(argv):
         how = (f"{listed} certificates in exact arithmetic{names} (certmin.sound_bounds)"
                + (", the others confirmed in float64" if others else ""))
     lines.append(f"\nErrors in % on {n} MNIST test images at eps {runs[0]['verify']['rows'][0]['eps']:.4f}, verify.py "
-                 f"({how}); the paper's figures are DM-large's (method.md section 6).")
+                 f"({how}); the paper's figures are DM-large's. The best test epoch is on the per-epoch curve's "
+                 "test images (train.py --test-n), the authors' way of selecting a model; every other column is the "
+                 "last epoch.")
     for r in runs:
         if r["verify_alpha"]:
             a = r["verify_alpha"]["rows"][0]
@@ -299,18 +338,18 @@ def schedule_report(argv):
                "python": platform.python_version()}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine, "runs": runs}, f, indent=1)
+        f.write(strict_json({"machine": machine, "runs": runs}, indent=1))
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
-# Verification cost: time per image and verified error per bound method (issue 9)
+# Verification cost: time per image and verified error per bound method
 # ---------------------------------------------------------------------------------------------
 
 VERIFY_METHODS = "ibp,crown-ibp,crown,alpha-crown"
-# auto_LiRPA 0.7.1 full CROWN (method="CROWN"), measured by an earlier session on this 2-core CPU (issue 9's
+# auto_LiRPA 0.7.1 full CROWN (method="CROWN"), measured on a 2-core x86_64 CPU (the
 # table); the target is at most 2x. No peer library is installed or imported here.
 PEERS = {"kw_mnist": (40, 1.29), "dm_small_x1": (1, 0.085), "dm_small_x4": (4, 0.57)}
 
@@ -339,14 +378,13 @@ def _peak_rss():
 
 def _verify_one(args):
     """One method on one checkpoint in this process: a JSON line with seconds, errors and peak memory."""
-    import train
     import verify
     ck = train.load_checkpoint(args.checkpoint)
     cfg = ck["config"]
     model = train.build_model(cfg)
     model.load_state_dict(ck["model"])
     model.eval().requires_grad_(False)
-    _, _, x, y = train.load_data(cfg["dataset"], args.data, download=False)
+    x, y = train.load_data(cfg["dataset"], args.data, download=False, test_only=True)
     x, y = x[:args.n].float() / 255, y[:args.n]
     eps = cfg["eps"] if args.eps is None else args.eps
     base = _reset_peak_rss()
@@ -360,19 +398,17 @@ def _verify_one(args):
             seconds += time.perf_counter() - t
             verified.append(ok)
     verified = torch.cat(verified)
-    print(json.dumps({"method": args.verify_one, "n": args.n, "eps": eps, "seconds_per_image": seconds / args.n,
+    print(strict_json({"method": args.verify_one, "n": args.n, "eps": eps, "seconds_per_image": seconds / args.n,
                       "verified_err": 1 - verified.float().mean().item(), "peak_gib": _peak_rss() - base}))
 
 
-def _peers_one(name):
-    """Full CROWN on issue 9's peer configurations; a JSON line with seconds per call."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def _peers_one(name, models, data):
+    """Full CROWN on the peer configurations (PEERS); a JSON line with seconds per call."""
     n, _ = PEERS[name]
     if name == "kw_mnist":
-        import test_certmin
-        net = test_certmin.load_shared_model("kw_mnist.pth")
-        x, y = test_certmin.mnist_test(n)
-        eps = 0.1
+        net = load_net(Path(models) / "kw_mnist.pth")[0]
+        x, y = train.load_data("mnist", data, download=False, test_only=True)
+        x, y, eps = x[:n].float() / 255, y[:n], 0.1
     else:
         torch.manual_seed(0)
         net = certmin.dm_small(3, 32)
@@ -388,15 +424,15 @@ def _peers_one(name):
             t = time.perf_counter()
             lb = certmin.bounds(net, *box, C, "crown")[0]
             times.append(time.perf_counter() - t)
-    print(json.dumps({"name": name, "seconds": statistics.median(times[1:]), "first_call": times[0],
+    print(strict_json({"name": name, "seconds": statistics.median(times[1:]), "first_call": times[0],
                       "certified": int((lb > 0).all(1).sum())}))
 
 
-def verify_bench(argv):
+def _verify_bench_parser():
     ap = argparse.ArgumentParser(prog="bench.py verify", description="Time per image and verified error of each "
                                  "bound method on a train.py checkpoint (each method in its own process, after one "
                                  "untimed warm-up batch; certificates in exact arithmetic, certmin.sound_bounds, as in verify.py). With "
-                                 "--peers, full CROWN on issue 9's configurations against auto_LiRPA's measured times.")
+                                 "--peers, full CROWN on three configurations against auto_LiRPA's measured times.")
     ap.add_argument("checkpoint", nargs="?", help="a .pt file written by train.py")
     ap.add_argument("--methods", default=VERIFY_METHODS)
     ap.add_argument("--n", type=int, default=200, help="first n test images")
@@ -404,14 +440,21 @@ def verify_bench(argv):
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--data", default="data")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--peers", action="store_true", help="also run the peer comparison (needs ../shared)")
+    ap.add_argument("--peers", action="store_true", help="also run the peer comparison against auto_LiRPA's "
+                    "measured times (needs --models and --data)")
+    ap.add_argument("--models", default="models", help="with --peers: the folder holding kw_mnist.pth")
     ap.add_argument("--verify-one", help=argparse.SUPPRESS)
     ap.add_argument("--peers-one", help=argparse.SUPPRESS)
+    return ap
+
+
+def verify_bench(argv):
+    ap = _verify_bench_parser()
     args = ap.parse_args(argv)
     if args.verify_one:
         return _verify_one(args)
     if args.peers_one:
-        return _peers_one(args.peers_one)
+        return _peers_one(args.peers_one, args.models, args.data)
     if not args.checkpoint and not args.peers:
         ap.error("give a checkpoint, --peers, or both")
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -421,8 +464,7 @@ def verify_bench(argv):
         for m in args.methods.split(","):
             cmd = [sys.executable, here, "verify", args.checkpoint, "--verify-one", m, "--n", str(args.n),
                    "--batch-size", str(args.batch_size), "--data", args.data] + (["--eps", str(args.eps)] if args.eps is not None else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            report["rows"].append(json.loads(out.strip().splitlines()[-1]))
+            report["rows"].append(child_json(cmd))
             print(f"  measured {m}", file=sys.stderr, flush=True)
         r0 = report["rows"][0]
         print(f"{args.checkpoint}: first {r0['n']} test images, eps {r0['eps']:.4f}, batch {args.batch_size}; {report['machine']}\n")
@@ -433,45 +475,48 @@ def verify_bench(argv):
                   f"{r['peak_gib']:.2f} GiB |")
         crown = [r for r in report["rows"] if r["method"] == "crown"]
         if crown:
-            print(f"\ntarget (issue 9, DM-small MNIST on a 2-core CPU): full CROWN well under 1 s per image: "
+            print(f"\ntarget (DM-small MNIST on a 2-core CPU): full CROWN well under 1 s per image: "
                   f"{crown[0]['seconds_per_image']:.3f} s {'met' if crown[0]['seconds_per_image'] < 1 else 'MISSED'}")
     if args.peers:
-        print("\n| network | images | certmin CROWN | auto_LiRPA CROWN (issue 9) | ratio | target <= 2x |")
+        print("\n| network | images | certmin CROWN | auto_LiRPA CROWN | ratio | target <= 2x |")
         print("|---|---|---|---|---|---|")
         for name, (n, peer) in PEERS.items():
-            out = subprocess.run([sys.executable, here, "verify", "--peers-one", name], check=True, capture_output=True,
-                                 text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+            r = child_json([sys.executable, here, "verify", "--peers-one", name, "--models", args.models,
+                            "--data", args.data])
             report["peers"].append({**r, "auto_lirpa_seconds": peer, "ratio": r["seconds"] / peer})
             print(f"| {name} | {n} | {r['seconds']:.3f} s (first call {r['first_call']:.2f} s) | {peer} s | "
                   f"{r['seconds'] / peer:.2f}x | {'met' if r['seconds'] <= 2 * peer else 'MISSED'} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            f.write(strict_json(report, indent=1))
 
 # ---------------------------------------------------------------------------------------------
-# The training step exactly as train.py takes it (issue 11), one variant per subprocess, and the
+# The training step exactly as train.py takes it, one variant per subprocess, and the
 # CUDA-graph check: graphs must give the eager step's weights
 # ---------------------------------------------------------------------------------------------
 
 STEP_VARIANTS = "fp32,tf32,bf16,tf32+graphs,bf16+graphs,tf32+graphs+cl,bf16+graphs+cl"
-STEP_TARGET_MS = 8.0  # issue 11: the joint-phase step, MNIST DM-large, batch 256, one H100
-PHASE_EPOCH = {"natural": 5, "adv-warmup": 30, "joint": 75, "joint-final": 160}  # in the MNIST preset
+STEP_TARGET_MS = 8.0  # the joint-phase step, MNIST DM-large, batch 256, one H100
+PHASES = ("natural", "adv-warmup", "joint", "joint-final")
+
+
+def phase_epoch(cfg, phase):
+    """An epoch inside `phase` of cfg's AdvIBP schedule (mid-phase; for joint-final, once c_t is 0)."""
+    (v0, v1), n = cfg["ver_ramp"], cfg["natural"]
+    return {"natural": n / 2, "adv-warmup": (n + v0) / 2, "joint": (v0 + v1) / 2, "joint-final": cfg["c_decay"][1] + 1}[phase]
 
 
 def _step_setup(args, variant, seed=0, capture=None):
     """train.py's step for a variant PRECISION[+graphs][+cl] (cl: channels_last), on a random batch."""
-    import train
     precision, *flags = variant.split("+")
     if precision not in train.PRECISIONS or not set(flags) <= {"graphs", "cl"}:
         raise SystemExit(f"bad variant {variant!r}: PRECISION[+graphs][+cl] with PRECISION one of {train.PRECISIONS}")
     graphs, cl = "graphs" in flags, "cl" in flags
     dev = torch.device(args.device)
-    ns = argparse.Namespace(dataset=args.dataset, eps=train.parse_eps(args.eps), epochs=None, model=args.model,
-                            method="advibp", weights="advibp", batch_size=args.batch, lr=5e-4, seed=seed,
-                            val_split=0, train_n=0, precision=precision, pgd_steps=10, channels_last=cl,
-                            clean_n=getattr(args, "clean_n", 0))
-    cfg = train.resolve(ns)
+    cfg = train.resolve(train.parse_args(
+        ["--dataset", args.dataset, "--eps", args.eps, "--model", args.model, "--batch-size", str(args.batch),
+         "--seed", str(seed), "--precision", precision, "--clean-n", str(getattr(args, "clean_n", 0))]
+        + ["--channels-last"] * cl))
     torch.manual_seed(seed)
     dist = train.Dist(dev)
     model, opt, tg = train.prepare_training(cfg, dev, dist, graphs)
@@ -494,7 +539,7 @@ def _step_one(args):
     """Time one variant's step in this process: steps per window, median of windows (a window ends
     with one synchronize, so the host's lead over the GPU counts as it does in training)."""
     train, cfg, model, run_step, tally, x, y = _step_setup(args, args.variant)
-    s = train.schedule(cfg, PHASE_EPOCH[args.phase])
+    s = train.schedule(cfg, phase_epoch(cfg, args.phase))
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
@@ -520,7 +565,7 @@ def _step_one(args):
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         (Path(args.profile) / f"profile_{args.variant}.txt").write_text(
             f"{args.variant}, phase {args.phase}, batch {args.batch}, 10 steps\n{table}\n")
-    print(json.dumps({"variant": args.variant, "phase": args.phase, "ms": 1e3 * statistics.median(windows),
+    print(strict_json({"variant": args.variant, "phase": args.phase, "ms": 1e3 * statistics.median(windows),
                       "windows_ms": [round(1e3 * w, 3) for w in windows], "peak_gib": peak, "captured": captured,
                       "loss_ver_mean": tally.means()["loss_ver"]}))
 
@@ -552,17 +597,17 @@ def _step_check(args):
     out = {"variant": args.variant, "steps": len(epochs), "rel_diff_eager_vs_eager": floor,
            "rel_diff_graphs_vs_eager": graphs, "figures": figures,
            "pass": graphs <= max(10 * floor, 1e-6)}
-    print(json.dumps(out))
+    print(strict_json(out))
 
 
-def train_step_bench(argv):
+def _train_step_bench_parser():
     ap = argparse.ArgumentParser(prog="bench.py train-step", description="train.py's own step, timed per variant "
                                  "(precision[+graphs]) in its own process; --check compares CUDA graphs with eager")
     ap.add_argument("--dataset", default="mnist", choices=["mnist", "cifar"])
     ap.add_argument("--eps", default="0.3")
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--phase", default="joint", choices=sorted(PHASE_EPOCH))
+    ap.add_argument("--phase", default="joint", choices=PHASES)
     ap.add_argument("--variants", default=STEP_VARIANTS, help="comma-separated PRECISION[+graphs]; graphs need CUDA")
     ap.add_argument("--steps", type=int, default=50, help="steps per timing window")
     ap.add_argument("--windows", type=int, default=3)
@@ -576,6 +621,11 @@ def train_step_bench(argv):
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check-one", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def train_step_bench(argv):
+    ap = _train_step_bench_parser()
     args = ap.parse_args(argv)
     if args.one:
         args.variant = args.one
@@ -593,9 +643,9 @@ def train_step_bench(argv):
     def save():  # after every job: what a killed run measured is kept
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
+                f.write(strict_json({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
                            "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
-                           "check": check}, f, indent=1)
+                           "check": check}, indent=1))
     for flag, variant in jobs:
         cmd = [sys.executable, __file__, "train-step", *common, f"{flag}={variant}"]
         try:
@@ -609,7 +659,7 @@ def train_step_bench(argv):
         else:
             rows.append(result)
         print(f"  {flag[2:]} {variant}: " + (f"{result['ms']:.2f} ms" if "ms" in result else
-                                              json.dumps({k: v for k, v in result.items() if k != "figures"})[:3000]),
+                                              strict_json({k: v for k, v in result.items() if k != "figures"})[:3000]),
               file=sys.stderr, flush=True)
         save()
     print(f"\n{args.model}, {args.dataset}, batch {args.batch}, phase {args.phase}, {dev}, torch {torch.__version__}\n")
@@ -629,10 +679,10 @@ def train_step_bench(argv):
     return 0 if all("ms" in r for r in rows) and (check is None or check.get("pass")) else 1
 
 # ---------------------------------------------------------------------------------------------
-# The preset, trained and verified in one command (issue 11): logs, JSON and a table in one folder
+# The preset, trained and verified in one command: logs, JSON and a table in one folder
 # ---------------------------------------------------------------------------------------------
 
-PAPER = {("mnist", 0.3): {"clean_err": 1.90, "pgd_err": 2.87, "verified_err": 6.60}}  # method.md section 6, %
+PAPER = {("mnist", 0.3): {"clean_err": 1.90, "pgd_err": 2.87, "verified_err": 6.60}}  # Fan & Li 2021, DM-large, %
 
 
 def _run_logged(cmd, log, timeout=None):
@@ -656,7 +706,7 @@ def _run_logged(cmd, log, timeout=None):
     return status, time.time() - t
 
 
-def preset(argv):
+def _preset_parser():
     ap = argparse.ArgumentParser(prog="bench.py preset", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Train a preset with train.py, certify it with verify.py, and write "
                                  "OUT/train.log, OUT/train_log.jsonl, OUT/verify.log, OUT/verify.json, OUT/preset.json "
@@ -673,6 +723,11 @@ def preset(argv):
                     help="seconds; then train.py is interrupted (it saves) and what it saved is verified")
     ap.add_argument("--verify-args", default="", help="extra verify.py arguments, e.g. '--n 1000 --pgd-steps 20'")
     ap.add_argument("train_args", nargs="*", help="after --: extra train.py arguments")
+    return ap
+
+
+def preset(argv):
+    ap = _preset_parser()
     args = ap.parse_args(argv)
     import shlex
     import train as train_mod
@@ -704,7 +759,7 @@ def preset(argv):
                               "best_verified_err": 100 * row["best_verified_err"], "n": row["n"]}
         report["paper"] = paper
     with open(out / "preset.json", "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(strict_json(report, indent=1))
     lines = [f"{args.dataset} eps {args.eps}: {report['epochs_done']} of {report['epochs']} epochs, "
              f"train {train_s:.0f} s + verify {verify_s:.0f} s = {report['total_seconds']:.0f} s on {report['device']}, "
              f"torch {report['torch']}", "", f"    {report['train_command']}", f"    {report['verify_command']}", ""]
@@ -722,12 +777,7 @@ def preset(argv):
     return 0 if train_status == 0 and verify_status == 0 else 1
 
 
-def gpu_run(argv):
-    """Issue 11 in one command: the step benchmark with the graphs check, then the preset, trained
-    with the measured-best flags and verified, inside a time budget. --tiny: the same on the CPU.
-    --skip-bench: the preset alone, with CUDA graphs and channels_last (both measured faster on an
-    H100 before), so that the whole budget goes to the 250 epochs; benchmark in a second call."""
-    import train
+def _gpu_run_parser():
     ap = argparse.ArgumentParser(prog="bench.py gpu-run", description=gpu_run.__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default="data")
@@ -741,6 +791,15 @@ def gpu_run(argv):
     ap.add_argument("--no-graphs", action="store_true", help="train without CUDA graphs (e.g. where a separate "
                     "`bench.py train-step --check` failed)")
     ap.add_argument("--tiny", action="store_true", help="CPU, DM-small, a few hundred images: a dry run")
+    return ap
+
+
+def gpu_run(argv):
+    """In one command: the step benchmark with the graphs check, then the preset, trained
+    with the measured-best flags and verified, inside a time budget. --tiny: the same on the CPU.
+    --skip-bench: the preset alone, with CUDA graphs and channels_last (both measured faster on an
+    H100 before), so that the whole budget goes to the 250 epochs; benchmark in a second call."""
+    ap = _gpu_run_parser()
     args = ap.parse_args(argv)
     t0, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -786,7 +845,7 @@ def gpu_run(argv):
 # rounding bounded; what verify.py certifies with) keeps of float64's certificates and how far it widens.
 # ---------------------------------------------------------------------------------------------
 
-SHARED_NETS = {  # ../shared/models (their README): layer list and a default eps at which some certify
+SHARED_NETS = {  # five small networks trained by others (kw_mnist.pth, ...): layer list and a default eps at which some certify
     "kw_mnist": (lambda: [torch.nn.Conv2d(1, 16, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 4, 2, 1),
                           torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(1568, 100), torch.nn.ReLU(),
                           torch.nn.Linear(100, 10)], "mnist", 0.1),
@@ -803,7 +862,7 @@ SHARED_NETS = {  # ../shared/models (their README): layer list and a default eps
 
 
 def load_net(path):
-    """(network in eval mode, dataset, eps) from a train.py checkpoint or one of ../shared/models/*.pth."""
+    """(network in eval mode, dataset, eps) from a train.py checkpoint or one of SHARED_NETS' .pth files."""
     path = Path(path)
     if path.stem in SHARED_NETS:
         layers, dataset, eps = SHARED_NETS[path.stem]
@@ -811,7 +870,6 @@ def load_net(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(dict(zip(net.state_dict(), state.values())))  # their keys follow the layer order
         return net.eval(), dataset, eps
-    import train
     ck = train.load_checkpoint(path)
     net = train.build_model(ck["config"])
     net.load_state_dict(ck["model"])
@@ -862,27 +920,31 @@ def sound_bounds_widening(net, x, y, eps, method, batch_size=250):
     return torch.cat(wide), torch.cat(ok)
 
 
-def rounding(argv):
+def _rounding_parser():
     ap = argparse.ArgumentParser(prog="bench.py rounding", description="How far float32 bounds lie from float64 "
                                  "ones, relative to each example's scale (1 + its largest |bound|), and what "
                                  "certmin.sound_bounds (exact-arithmetic bounds, which verify.py certifies with) "
                                  "certifies and by how much it widens the float64 bounds.")
-    ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or ../shared/models/*.pth files")
-    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("nets", nargs="+", help="train.py checkpoints and/or the .pth files of SHARED_NETS")
+    ap.add_argument("--data", default="data", help="folder with the datasets (the test split is read)")
     ap.add_argument("--n", type=int, default=1000, help="first n test images (IBP, CROWN-IBP)")
     ap.add_argument("--crown-n", type=int, default=100, help="first n test images for full CROWN")
     ap.add_argument("--methods", default="ibp,crown-ibp,crown")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    return ap
+
+
+def rounding(argv):
+    ap = _rounding_parser()
     args = ap.parse_args(argv)
-    import train
     bad = set(args.methods.split(",")) - set(certmin.METHODS)
     if bad:
         ap.error(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(certmin.METHODS)}")
     dev = torch.device(args.device)
     try:  # a bad file fails here, before any output
         nets = [(path, *load_net(path)) for path in args.nets]
-        data = {dataset: train.load_data(dataset, args.data, download=False)[2:] for _, _, dataset, _ in nets}
+        data = {dataset: train.load_data(dataset, args.data, download=False, test_only=True) for _, _, dataset, _ in nets}
     except train.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -908,7 +970,7 @@ def rounding(argv):
                   f"{r['max_rel']:.1e} | {r['median_rel']:.1e} | {r['certified32']} | {r['refuted64']} | "
                   f"{r['certified_sound']} | {r['sound_max_widening']:.1e} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(dev), "torch": torch.__version__,
+        Path(args.json).write_text(strict_json({"device": str(dev), "torch": torch.__version__,
                                                "rows": rows}, indent=1))
 
 
@@ -918,7 +980,11 @@ SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_repo
 
 def main():
     if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
-        return SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
+        try:
+            return SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
+        except (ChildError, train.DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=64)
@@ -934,8 +1000,7 @@ def main():
         cmd = [sys.executable, __file__, "--one", kind] + [f"--{k}={v}" for k, v in
                                                            [("model", args.model), ("batch", args.batch), ("steps", args.steps),
                                                             ("warmup", args.warmup), ("device", args.device)]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[kind] = json.loads(out.strip().splitlines()[-1])
+        rows[kind] = child_json(cmd)
         print(f"  measured {kind}", file=sys.stderr, flush=True)
     clean = rows["clean"]["seconds"]
     print(f"{args.model}, 3x32x32, batch {args.batch}, {args.device}, torch {torch.__version__}, "

@@ -131,8 +131,12 @@ def _others(y, classes):
 def margin_spec(y, classes, check=True):
     """C (N, classes-1, classes) with rows e_y - e_j for j != y, j increasing: C z = margins.
     check=False skips the label range check, which waits for the GPU (labels checked once by the caller)."""
-    if y.dim() != 1 or (check and not bool(((y >= 0) & (y < classes)).all())):
-        raise ValueError(f"margin_spec needs 1-D labels in [0, {classes}), got shape {tuple(y.shape)}")
+    if y.dim() != 1:
+        raise ValueError(f"margin_spec needs 1-D labels, got shape {tuple(y.shape)}")
+    if check and not bool(((y >= 0) & (y < classes)).all()):
+        bad = y[(y < 0) | (y >= classes)]
+        raise ValueError(f"margin_spec needs labels in [0, {classes}), got {bad[0].item()} "
+                         f"({len(bad)} of {len(y)} out of range)")
     eye = torch.eye(classes, device=y.device)
     return eye[y].unsqueeze(1) - eye[_others(y, classes)]
 
@@ -165,6 +169,17 @@ def _layers(model):
     names = ", ".join(t.__name__ for t in _SUPPORTED)
     raise TypeError(f"certmin cannot bound layer {type(model).__name__} ({model}); supported layers: "
                     f"{names}, inside nn.Sequential")
+
+
+def _check_spec(layers, xl, C):
+    """A specification C (N, S, K) must have one row block per example and K = the network's outputs."""
+    if C is None:
+        return
+    last = next((m for m in reversed(layers) if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    outputs = last.out_features if isinstance(last, nn.Linear) else None
+    if C.dim() != 3 or C.shape[0] != len(xl) or (outputs is not None and C.shape[2] != outputs):
+        raise ValueError(f"C must be (examples, specifications, classes) = ({len(xl)}, S, {outputs or 'K'}) for this "
+                         f"network and box, got {tuple(C.shape)}; certmin.margin_spec(y, {outputs or 'K'}) builds it")
 
 
 def _affine_count(layers):
@@ -270,7 +285,7 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
 
 
 def _relax(l, u):
-    """Linear ReLU relaxation on [l, u] (method.md section 2): relu(z) >= d_l z and relu(z) <= d_u z + b_u.
+    """Linear ReLU relaxation on [l, u] (CROWN's relaxation): relu(z) >= d_l z and relu(z) <= d_u z + b_u.
     Unstable: chord upper, lower slope 1 if u > -l else 0. Stable neurons are exact."""
     active, unstable = l >= 0, (l < 0) & (u > 0)
     denom = torch.where(unstable, u - l, torch.ones_like(u))  # > 0 where used; 1 elsewhere avoids 0/0
@@ -613,8 +628,10 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     hidden layers. The arithmetic is IEEE float32 or float64 whatever autocast or TF32 the caller set."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    layers = _layers(model)
+    _check_spec(layers, xl, C)
     with _ieee(xl.device.type):
-        return _bounds(_layers(model), xl, xu, C, method, progress, alpha_steps, alpha_lr)
+        return _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr)
 
 
 def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
@@ -754,6 +771,7 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
     if method not in SOUND_METHODS:
         raise ValueError(f"sound_bounds has no method {method!r}; choose one of {', '.join(SOUND_METHODS)}")
     layers = _layers(model)
+    _check_spec(layers, xl, C)
     if not bool((xl <= xu).all()):
         raise ValueError("the input box is empty somewhere (xl > xu); build it with certmin.input_box")
     narrow = [t.dtype for t in (xl, xu, *model.parameters(), *model.buffers()) if t.is_floating_point()
@@ -1056,7 +1074,7 @@ def smooth_ramp(t, start, length, final, init=0.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The two-gradient weighting (method.md section 4)
+# 7. The two-gradient weighting
 # ----------------------------------------------------------------------------------------------
 
 MODES = ("advibp", "advibp-biased", "mgda", "sum")

@@ -9,7 +9,7 @@
     torchrun --standalone --nproc_per_node=4 train.py --dataset cifar --eps 8/255   # several GPUs
     python verify.py runs/mnist-0.3/last.pt                    # then certify what it saved
 
-Phases (method.md section 5): natural -> adversarial warm-up (FGSM-RS, eps_adv ramps up) -> joint
+Phases: natural -> adversarial warm-up (FGSM-RS, eps_adv ramps up) -> joint
 (the verified eps ramps up, weights from the current batch) -> joint at full eps (bias-corrected
 weights). --epochs scales every epoch number of the preset, so a short run passes through every phase.
 """
@@ -25,6 +25,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,16 +34,22 @@ import torch.nn.functional as F
 import certmin
 
 # ---------------------------------------------------------------------------------------------
-# Presets (method.md section 5). Epoch numbers; a run of E epochs scales all of them by E / epochs.
+# Presets: the paper's schedules. Epoch numbers; a run of E epochs scales all of them by E / epochs.
 # ---------------------------------------------------------------------------------------------
 
 PRESETS = {
     "mnist": dict(epochs=250, natural=10, adv_ramp=(10, 50), ver_ramp=(50, 100), c_decay=(110, 159),
-                  lr_decay=(150, 200), lr_factor=0.25, kappa_final=0.5, shape=(1, 28, 28), mean=None, std=None),
+                  lr_decay=(150, 200), lr_factor=0.25, kappa_final=0.5, shape=(1, 28, 28), mean=None, std=None,
+                  lr=5e-4, batch_size=256,
+                  eps_train=lambda eps: max(eps, 0.2 if eps <= 0.1 else 0.4),  # 0.2 for eps 0.1, 0.4 for 0.2-0.4
+                  c_max=lambda eps, eps_train: 0.00256 if eps_train <= 0.2 else 0.0256),
     "cifar": dict(epochs=3200, natural=400, adv_ramp=(400, 800), ver_ramp=(810, 1810), c_decay=(1829, 2108),
                   lr_decay=(2200, 2700), lr_factor=0.1, kappa_final=0.0, shape=(3, 32, 32),
-                  mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), lr=5e-4, batch_size=256,
+                  eps_train=lambda eps: 1.1 * eps,
+                  c_max=lambda eps, eps_train: 0.00256 if eps <= 2 / 255 else 0.0256),
 }
+# c_max is in per-example FOSC units: the authors' 1e-4 and 1e-5 at batch 256 (their FOSC is a batch mean)
 MODELS = {"dm-small": certmin.dm_small, "dm-medium": certmin.dm_medium, "dm-large": certmin.dm_large}
 METHODS = ("advibp", "advcrown-ibp", "ibp", "crown-ibp", "pgd", "natural")
 
@@ -62,31 +69,51 @@ def parse_eps(text):
 def resolve(args):
     """The full configuration: the preset for (dataset, eps), scaled to --epochs, plus the options."""
     p = dict(PRESETS[args.dataset])
-    if args.dataset == "mnist":  # eps_train 0.2 for eps 0.1, 0.4 for 0.2-0.4 (method.md)
-        eps_train = max(args.eps, 0.2 if args.eps <= 0.1 else 0.4)
-        c_max = 0.00256 if eps_train <= 0.2 else 0.0256
-    else:
-        eps_train, c_max = 1.1 * args.eps, (0.00256 if args.eps <= 2 / 255 else 0.0256)
+    eps_train = p.pop("eps_train")(args.eps)
+    c_max = p.pop("c_max")(args.eps, eps_train)
     scale = (args.epochs or p["epochs"]) / p["epochs"]
     for k in ("natural", "adv_ramp", "ver_ramp", "c_decay", "lr_decay"):
         p[k] = [v * scale for v in p[k]] if isinstance(p[k], tuple) else p[k] * scale
     p.update(epochs=args.epochs or p["epochs"], eps=args.eps, eps_train=eps_train, c_max=c_max,
              dataset=args.dataset, model=args.model, method=args.method, weights=args.weights,
-             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=args.val_split,
+             batch_size=args.batch_size or p["batch_size"], lr=args.lr or p["lr"], seed=args.seed, val_split=args.val_split,
              train_n=args.train_n, precision=args.precision, pgd_steps=args.pgd_steps,
              channels_last=args.channels_last, clean_n=args.clean_n, pipeline=args.pipeline,
-             weight_scope=args.weight_scope)
+             weight_scope=args.weight_scope, data=str(Path(args.data).resolve()),  # data: where verify.py looks first
+             latent_stages=args.latent_stages, latent_epochs=args.latent_epochs or args.epochs or p["epochs"])
     p["shape"] = list(p["shape"])
     return p
 
 
+def total_epochs(cfg):
+    """The schedule's epochs and those of its latent stages."""
+    return cfg["epochs"] + cfg.get("latent_stages", 0) * cfg.get("latent_epochs", 0)
+
+
+LATENT_LR, LATENT_DECAY = 0.25, (0.2, 0.4, 0.8)  # a stage's Adam: lr x 0.25, x 0.25 at these fractions of it
+
+
+def latent_schedule(cfg, e):
+    """Epoch e of the layer-wise latent stages that follow the schedule (the authors' code): stage k
+    freezes the first k affine layers and attacks inside the IBP box of layer k's input; both eps full,
+    c_t 0, a fresh Adam at lr / 4 decayed x 0.25 at 20, 40 and 80% of the stage."""
+    n, et = cfg["latent_epochs"], cfg["eps_train"]
+    stage = min(int((e - cfg["epochs"]) // n), cfg["latent_stages"] - 1)
+    t = e - cfg["epochs"] - stage * n
+    lr = cfg["lr"] * LATENT_LR * LATENT_LR ** sum(t >= f * n for f in LATENT_DECAY)
+    return dict(eps_adv=et, eps_ver=et, beta=0.0, kappa=0.0, c_t=0.0, lr=lr, final=True, phase="latent",
+                stage=stage + 1)
+
+
 def schedule(cfg, e):
     """Everything that changes during training, at fractional epoch e."""
+    if e >= cfg["epochs"] and cfg.get("latent_stages"):
+        return latent_schedule(cfg, e)
     (a0, a1), (v0, v1), (c0, c1) = cfg["adv_ramp"], cfg["ver_ramp"], cfg["c_decay"]
     et, method = cfg["eps_train"], cfg["method"]
     s = dict(eps_adv=certmin.smooth_ramp(e, a0, a1 - a0, et), eps_ver=certmin.smooth_ramp(e, v0, v1 - v0, et),
              beta=0.0, kappa=0.0, c_t=certmin.linear_ramp(e, c0, c1 - c0, 0.0, init=cfg["c_max"]),
-             lr=cfg["lr"] * cfg["lr_factor"] ** sum(e >= d for d in cfg["lr_decay"]), final=e >= v1)
+             lr=cfg["lr"] * cfg["lr_factor"] ** sum(e >= d for d in cfg["lr_decay"]), final=e >= v1, stage=0)
     if method in ("advcrown-ibp", "crown-ibp"):
         s["beta"] = certmin.linear_ramp(e, v0, v1 - v0, 0.0, init=1.0)
     if method in ("ibp", "crown-ibp"):  # Gowal / Zhang: one eps ramp after natural training
@@ -123,7 +150,11 @@ CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "
 
 
 class DataError(Exception):
-    pass
+    """Bad input or a failed write: main() prints it as one error: line, exit status 1."""
+
+
+class Refused(DataError):
+    """A run refused before anything is read or trained (output folder, resume options): exit status 2."""
 
 
 def _md5(path):
@@ -154,39 +185,68 @@ def _find(root, candidates, names):
     return None
 
 
-def load_mnist(root, download=True):
+MNIST_SPLITS = {"train": 60000, "t10k": 10000}  # images per split: any other count is a damaged file
+CIFAR_BATCH = 10000  # images per CIFAR batch file
+
+
+def _damaged(path, what):
+    return DataError(f"{path} is damaged ({what}); delete it to download it again, or replace it with the original")
+
+
+def _read_idx(path, magic, shape):
+    """One MNIST IDX file (gzipped or not) as uint8 (N, *shape), its header checked against its bytes."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise _damaged(path, f"{type(err).__name__}: {err}")
+    head = 4 * (1 + len(shape))
+    if len(data) < head or int.from_bytes(data[:4], "big") != magic:
+        raise _damaged(path, f"not an IDX file with magic number {magic}")
+    dims = [int.from_bytes(data[4 * i:4 * i + 4], "big") for i in range(1, 1 + len(shape))]
+    if dims[1:] != list(shape[1:]):
+        raise _damaged(path, f"its header gives item shape {dims[1:]}, MNIST's is {list(shape[1:])}")
+    if len(data) - head != math.prod(dims):
+        raise _damaged(path, f"its header promises {dims[0]} items, the file holds {len(data) - head} bytes of "
+                             f"the {math.prod(dims)} they need")
+    return torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).view(*dims)
+
+
+def load_mnist(root, download=True, splits=("train", "t10k")):
     root = Path(root)
     dirs = [".", "mnist", "MNIST/raw"]
-    found = _find(root, dirs, MNIST_FILES) or _find(root, dirs, [n[:-3] for n in MNIST_FILES])
+    wanted = [n for n in MNIST_FILES if n.split("-")[0] in splits]
+    found = _find(root, dirs, wanted) or _find(root, dirs, [n[:-3] for n in wanted])
     if found is None and download:
         try:
-            for name, md5 in MNIST_FILES.items():
-                _download(MNIST_URL + name, root / "mnist" / name, md5)
+            for name in wanted:
+                _download(MNIST_URL + name, root / "mnist" / name, MNIST_FILES[name])
             found = root / "mnist"
         except OSError as err:
             print(f"download failed: {err}", file=sys.stderr)
     if found is None:
-        raise DataError(f"MNIST not found under {root} and it could not be downloaded. Put the four files "
-                        f"{', '.join(MNIST_FILES)} (or the same without .gz) in {root / 'mnist'} "
+        raise DataError(f"MNIST not found under {root} and it could not be downloaded. Put the files "
+                        f"{', '.join(wanted)} (or the same without .gz) in {root / 'mnist'} "
                         f"(or MNIST/raw, as torchvision does), or pass --data DIR.")
-
-    def read(name, offset):
-        path = found / name
-        opener = gzip.open if path.exists() else open
-        with opener(path if path.exists() else found / name[:-3], "rb") as f:
-            return torch.frombuffer(bytearray(f.read()[offset:]), dtype=torch.uint8)
-
     out = []
-    for split in ("train", "t10k"):
-        x = read(f"{split}-images-idx3-ubyte.gz", 16).view(-1, 1, 28, 28)
-        out += [x, read(f"{split}-labels-idx1-ubyte.gz", 8).long()]
+    for split in splits:
+        paths = [found / f"{split}-{kind}-idx{k}-ubyte.gz" for kind, k in (("images", 3), ("labels", 1))]
+        paths = [p if p.exists() else p.with_suffix("") for p in paths]
+        x = _read_idx(paths[0], 2051, (None, 28, 28)).unsqueeze(1)
+        y = _read_idx(paths[1], 2049, (None,)).long()
+        for p, n in ((paths[0], len(x)), (paths[1], len(y))):
+            if n != MNIST_SPLITS[split]:
+                raise _damaged(p, f"{n} items where MNIST's {split} split has {MNIST_SPLITS[split]}; to train on "
+                                  f"fewer images on purpose, keep the whole file and pass --train-n")
+        out += [x, y]
     return out
 
 
-def load_cifar(root, download=True):
+def load_cifar(root, download=True, splits=("train", "test")):
     root = Path(root)
+    names = [n for n in CIFAR_FILES if ("test" in n) == ("test" in splits)] if len(splits) == 1 else CIFAR_FILES
     dirs = ["cifar-10-batches-py", "cifar10/cifar-10-batches-py", "."]
-    found = _find(root, dirs, CIFAR_FILES)
+    found = _find(root, dirs, names)
     if found is None and download:
         try:
             archive = root / "cifar-10-python.tar.gz"
@@ -194,30 +254,42 @@ def load_cifar(root, download=True):
             with tarfile.open(archive) as t:
                 safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
                 t.extractall(root, **safe)
-            found = _find(root, dirs, CIFAR_FILES)
-        except OSError as err:
+            found = _find(root, dirs, names)
+        except (OSError, tarfile.TarError) as err:
             print(f"download failed: {err}", file=sys.stderr)
     if found is None:
         raise DataError(f"CIFAR-10 not found under {root} and it could not be downloaded. Put the python "
-                        f"version's batches ({', '.join(CIFAR_FILES)}) in {root / 'cifar-10-batches-py'}, "
+                        f"version's batches ({', '.join(names)}) in {root / 'cifar-10-batches-py'}, "
                         f"or pass --data DIR.")
 
-    def read(names):
-        xs, ys = [], []
-        for n in names:
-            with open(found / n, "rb") as f:
+    def read_batch(path):
+        try:
+            with open(path, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
+            data, labels = d["data"], d["labels"]
             # the bytes, not the array: torch built against NumPy 1.x (< 2.3) cannot read NumPy 2's arrays
-            xs.append(torch.frombuffer(bytearray(d["data"].tobytes()), dtype=torch.uint8).view(-1, 3, 32, 32))
-            ys.append(torch.tensor(d["labels"]))
-        return torch.cat(xs), torch.cat(ys).long()
+            x = torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8)
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError, ValueError) as err:
+            raise _damaged(path, f"{type(err).__name__}: {str(err)[:120]}")
+        if len(x) != CIFAR_BATCH * 3 * 32 * 32 or len(labels) != CIFAR_BATCH:
+            raise _damaged(path, f"{len(x)} bytes of images and {len(labels)} labels where a CIFAR-10 batch holds "
+                                 f"{CIFAR_BATCH} of each")
+        return x.view(-1, 3, 32, 32), torch.tensor(labels).long()
 
-    return [*read(CIFAR_FILES[:5]), *read(CIFAR_FILES[5:])]
+    out = []
+    for group in ([n for n in names if "test" not in n], [n for n in names if "test" in n]):
+        if group:
+            xs, ys = zip(*(read_batch(found / n) for n in group))
+            out += [torch.cat(xs), torch.cat(ys)]
+    return out
 
 
-def load_data(dataset, root, download=True):
-    """(x_train, y_train, x_test, y_test): uint8 images (N, C, H, W) and int64 labels."""
-    return (load_mnist if dataset == "mnist" else load_cifar)(root, download)
+def load_data(dataset, root, download=True, test_only=False):
+    """(x_train, y_train, x_test, y_test): uint8 images (N, C, H, W) and int64 labels; with test_only,
+    (x_test, y_test), and the training files are never read."""
+    if dataset == "mnist":
+        return load_mnist(root, download, ("t10k",) if test_only else ("train", "t10k"))
+    return load_cifar(root, download, ("test",) if test_only else ("train", "test"))
 
 
 def augment(x):
@@ -258,23 +330,38 @@ def evaluate(model, x, y, eps, batch_size=500):
 
 
 def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash or a failed write (disk full, permissions) leaves
+    the old file whole; the failure is a DataError that says so."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise DataError(f"could not save {path} ({str(err).splitlines()[0][:200]}); {kept}. Free space or fix the "
+                        "folder's permissions, then continue with --resume")
 
 
 def load_checkpoint(path):
     """A train.py checkpoint as a dict, or a DataError saying why not. Data only: weights_only."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; name its checkpoint, e.g. {path / 'last.pt'}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"no checkpoint at {path}")
-    except Exception as err:
-        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-                        "it may be truncated or not written by train.py")
+    except Exception as err:  # torch's own message may advise weights_only=False: unsafe for a file of unknown origin
+        raise DataError(f"{path} is not a readable checkpoint ({type(err).__name__}): it may be truncated, or not "
+                        f"written by train.py. {NOT_OURS}")
     if not isinstance(ck, dict) or not {"model", "config"} <= set(ck):
-        raise DataError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+        raise DataError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries). {NOT_OURS}")
     return ck
+
+
+NOT_OURS = ("To certify a model of your own, call the library on it: certmin.sound_bounds(model, xl, xu, C, 'ibp') "
+            "with certmin.input_box and certmin.margin_spec (README, 'The library')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,16 +413,46 @@ def advibp_step(model, x, y, s, cfg):
     return (loss_adv, loss_ver, fosc, grad_adv), figures
 
 
+def affine_layers(model):
+    """Indices of the Linear and Conv2d layers in a flat Sequential: the latent stages' layers."""
+    return [i for i, m in enumerate(model) if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def latent_box(model, k, x, eps):
+    """(centre, radius) of the IBP box of model[k]'s input over the eps-box of x."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        lb, ub = certmin.bounds(model[:k], *certmin.input_box(x, eps))
+    return (ub + lb) / 2, (ub - lb) / 2
+
+
+def latent_step(model, x, y, s, cfg):
+    """A latent stage's AdvIBP step: the adversarial term is FGSM-RS inside the IBP box of the stage
+    layer's input (from the box's centre, unclipped; a COLT-like adversary over a superset of what the
+    eps-box reaches), the loss of the layers from there on; the verified term is IBP from the input."""
+    k = affine_layers(model)[s["stage"]]
+    c, r = latent_box(model, k, x, s["eps_ver"])
+    tail = model[k:]
+    z = certmin.fgsm_rs(tail, c, y, r, lo=-math.inf, hi=math.inf)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_adv, fosc, wrong, grad_adv = certmin.adv_loss_and_fosc(tail, z, c, y, r, -math.inf, math.inf, params=params)
+    loss_ver, verified = certmin.verified_loss(model, x, y, s["eps_ver"], beta=s["beta"], check=False)
+    figures = {"loss_adv": loss_adv, "adv_wrong": wrong.float().mean(), "loss_ver": loss_ver.detach(),
+               "ver_wrong": (~verified).float().mean()}
+    return (loss_adv, loss_ver, fosc, grad_adv), figures
+
+
 def step_function(method, phase):
     if phase == "natural":
         return natural_step
     if phase == "ver-ramp":  # the released pipeline's ramp: the verified loss alone (kappa 0)
         return bound_step
+    if phase == "latent":
+        return latent_step
     return {"pgd": pgd_step, "ibp": bound_step, "crown-ibp": bound_step}.get(method, advibp_step)
 
 
 # ---------------------------------------------------------------------------------------------
-# The collapse guard. At short budgets AdvIBP can fall into the constant classifier (README,
+# The collapse guard. At short budgets AdvIBP can fall into the constant classifier (results/README.md,
 # "The collapse"): every margin bound 0, verified loss ln(classes), clean error 1 - 1/classes.
 # ---------------------------------------------------------------------------------------------
 
@@ -356,7 +473,7 @@ def collapse_reason(err, history, classes):
 # ---------------------------------------------------------------------------------------------
 # The fast CUDA step: figures summed on the device, the precision of the training losses, and
 # CUDA graphs. A step launches ~600 kernels from Python; it must never wait for the GPU, and under
-# CUDA graphs it launches them all at once. Then the arithmetic is what is left (README, "CUDA").
+# CUDA graphs it launches them all at once. Then the arithmetic is what is left (results/README.md, "CUDA").
 # ---------------------------------------------------------------------------------------------
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -477,7 +594,7 @@ class GraphedStep:
 
 def make_optimizer(model, cfg, device, graphs=False):
     """Adam. On CUDA in one fused kernel; under CUDA graphs capturable (its step count and a tensor
-    learning rate on the device). On the CPU, as ever: the CPU results stay those of earlier versions."""
+    learning rate on the device). On the CPU the plain loop, whose results the recorded CPU runs were made with."""
     kind = ({"capturable": True} if graphs else {"fused": True}) if device.type == "cuda" else {"foreach": False}
     return torch.optim.Adam(model.parameters(), lr=cfg["lr"], **kind)
 
@@ -624,196 +741,393 @@ def setup_data(cfg, args, device):
     return (x_train.to(device), y_train.to(device)), (x_test.to(device), y_test.to(device)), val
 
 
-def complete_config(cfg):
-    """Fill in, in place, the options a checkpoint written before them lacks; returns cfg."""
-    cfg.setdefault("precision", "bf16" if cfg.pop("amp", False) else "fp32")
-    cfg.setdefault("channels_last", False)
-    cfg.setdefault("clean_n", 0)
-    return cfg
+# ---------------------------------------------------------------------------------------------
+# The output folder: checked before anything is trained; a run in it is never overwritten by accident
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILES = ("last.pt", "best.pt", "collapsed.pt", "log.jsonl")  # what --overwrite removes
+# The options that define a run: a --resume that names one with another value than the checkpoint's is refused
+RUN_OPTIONS = ("dataset", "eps", "model", "method", "weights", "pipeline", "weight_scope", "latent_stages",
+               "latent_epochs", "epochs", "batch_size",
+               "lr", "seed", "val_split", "train_n", "precision", "pgd_steps", "channels_last", "clean_n")
+
+
+def describe_run(out):
+    """'epoch 3 of 20 (step 702), advibp dm-small on mnist eps 0.3': what a run folder holds."""
+    for name in ("last.pt", "collapsed.pt"):
+        if (out / name).exists():
+            try:
+                ck = load_checkpoint(out / name)
+                c = ck["config"]
+                return (f"{name} at epoch {ck['epoch']} of {total_epochs(c)} (step {ck['step']}), {c['method']} "
+                        f"{c['model']} on {c['dataset']} eps {c['eps']:.4f}")
+            except (DataError, KeyError):
+                return f"{name}, unreadable"
+    return "a log.jsonl without a checkpoint"
+
+
+def prepare_output(out, args, master):
+    """Create --out and prove it writable (one DataError naming the path and the cause otherwise); refuse
+    a folder that holds a run unless --resume or --overwrite says what to do with it."""
+    existing = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if args.resume and not (out / "last.pt").exists():
+        raise Refused(f"--resume: no checkpoint at {out / 'last.pt'}; to start a new run there, drop --resume")
+    if existing and not args.resume and not args.overwrite:
+        raise Refused(f"{out} already holds a run ({describe_run(out)}). Continue it with --resume, write to "
+                        f"another --out, or pass --overwrite to delete its {', '.join(existing)} and start again")
+    if not master:
+        return
+    probe = out / ".certmin-write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"certmin")
+        probe.unlink()
+    except OSError as err:
+        cause = "it is a file" if isinstance(err, FileExistsError) else (err.strerror or type(err).__name__)
+        raise Refused(f"cannot write the output folder {out}: {cause} ({err.filename or out}); pick another --out")
+    if args.overwrite and not args.resume:
+        for name in existing:
+            (out / name).unlink()
+
+
+def check_resume(args, cfg, saved):
+    """A resumed run keeps its checkpoint's config: an option given on the command line that differs
+    from it is refused, by name (run-time options such as --eval-every or --data may change)."""
+    clash = [(k, cfg[k], saved.get(k)) for k in RUN_OPTIONS if k in args.given and k in saved
+             and not (cfg[k] == saved[k] or isinstance(cfg[k], float) and math.isclose(cfg[k], saved[k]))]
+    if clash:
+        said = ", ".join(f"--{k.replace('_', '-')} {new} (the checkpoint has {old})" for k, new, old in clash)
+        raise Refused(f"--resume continues the run as it was started, but the command line asks for {said}; "
+                        "drop those options to resume, or start a new run in another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: the pace of the steps this process ran, and the phases still ahead
+# ---------------------------------------------------------------------------------------------
+
+# Step cost relative to a natural step, measured for CIFAR DM-large on an H200 (bf16): what the estimate
+# assumes for a phase this process has not run yet. A bound-only step is about an IBP forward and backward.
+PHASE_COST = {"natural": 1.0, "adv-warmup": 1.9, "joint": 3.7, "joint-final": 4.0, "pgd": 3.0, "pgd-final": 3.0}
+BOUND_COST = 2.0
+
+
+class Progress:
+    """Per-phase seconds per step, from the steps this process ran (a resumed run's earlier steps do not
+    count), and the run's time left: measured paces for the phases seen, PHASE_COST ratios for the rest."""
+
+    def __init__(self, cfg, spe, every):
+        self.cfg, self.spe, self.every = cfg, spe, every
+        self.pace, self.last, self.last_step = {}, time.time(), None
+
+    def tick(self, step, phase):
+        """Call after each step; prints a line every `every` seconds within an epoch."""
+        now = time.time()
+        if self.last_step is None or now - self.last < self.every or not step % self.spe:
+            if self.last_step is None:
+                self.last, self.last_step = now, step
+            return
+        self.pace[phase] = (now - self.last) / (step - self.last_step)
+        self.last, self.last_step = now, step
+        epoch_left = self.pace[phase] * (self.spe - step % self.spe)
+        left, assumed = self.time_left(step, phase)
+        note = f" (assumed for phases not yet run here: {', '.join(assumed)})" if assumed else ""
+        print(f"  epoch {step // self.spe + 1}: step {step % self.spe}/{self.spe}; {phase} at "
+              f"{self.pace[phase]:.3f} s/step: the epoch ends in {duration(epoch_left)} and the run in "
+              f"{duration(left)}{note}", file=sys.stderr, flush=True)
+
+    def reset(self):  # after an epoch's end: evaluation and saving are not steps
+        self.last, self.last_step = time.time(), None
+
+    def time_left(self, step, phase):
+        """Seconds left, from the measured paces and PHASE_COST for the phases not run here, and those assumptions."""
+        rel = lambda p: PHASE_COST.get(p, BOUND_COST) / PHASE_COST.get(phase, BOUND_COST)  # noqa: E731
+        pace = lambda p: self.pace.get(p, self.pace[phase] * rel(p))  # noqa: E731
+        counts = {phase: self.spe - step % self.spe}
+        for e in range(step // self.spe + 1, total_epochs(self.cfg)):
+            p = schedule(self.cfg, e + 0.5)["phase"]
+            counts[p] = counts.get(p, 0) + self.spe
+        assumed = [f"{p} {pace(p):.3f} s/step" for p in counts if p not in self.pace]
+        return sum(n * pace(p) for p, n in counts.items()), assumed
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a Run holds the state; train() is the loop
+# ---------------------------------------------------------------------------------------------
+
+def strict_json(obj, **kw):
+    """One JSON text that strict parsers accept: non-finite floats become null (json.dumps writes NaN)."""
+    clean = lambda v: (None if isinstance(v, float) and not math.isfinite(v) else  # noqa: E731
+                       {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else
+                       [clean(x) for x in v] if isinstance(v, (list, tuple)) else v)
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+class Run:
+    """Everything a training run holds: config, data, model and optimiser, where it saves, how far it is."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.device != "auto" and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda asked for, but torch sees no GPU; use --device cpu or auto")
+        self.dist = Dist(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.master = self.dist.rank == 0
+        self.out = Path(args.out or f"runs/{args.dataset}-{args.eps_text.replace('/', '_')}-{args.method}")
+        self.ck_path = self.out / "last.pt"
+        self.cfg, self.ck = resolve(args), None
+        prepare_output(self.out, args, self.master)  # before the data and the model: nothing is lost to a typo
+        if args.resume:
+            self.ck = load_checkpoint(self.ck_path)
+            check_resume(args, self.cfg, self.ck["config"])
+            self.cfg = self.ck["config"]
+        self.step = self.ck["step"] if self.ck else 0
+        self.saved = {"step": self.step, "epoch": self.ck["epoch"] if self.ck else 0}  # what last.pt holds
+        self.finished = self.ck is not None and self.ck["epoch"] >= total_epochs(self.cfg)
+
+    def setup(self):
+        """Data, model, optimiser and the step function (restored from the checkpoint when resuming)."""
+        cfg, args, ck, device = self.cfg, self.args, self.ck, self.device
+        torch.manual_seed(cfg["seed"])
+        (self.x_train, self.y_train), (self.x_test, self.y_test), self.val = setup_data(cfg, args, device)
+        cuda = device.type == "cuda"
+        if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
+            raise DataError("--cuda-graphs needs a GPU (--device cuda)")
+        graphs = (cuda if args.cuda_graphs is None else args.cuda_graphs) and self.dist.world == 1 and not args.trace
+        graphs = graphs and cfg["method"] != "pgd"  # PGD training has not been tried under graphs on a GPU
+        self.model, self.opt, self.tg = prepare_training(cfg, device, self.dist, graphs)
+        bs = cfg["batch_size"]
+        if bs % self.dist.world:
+            raise DataError(f"--batch-size {bs} must be divisible by the number of processes ({self.dist.world})")
+        self.spe = max(1, len(self.y_train) // bs)  # steps per epoch (the last partial batch is dropped)
+        self.total = total_epochs(cfg) * self.spe
+        self.graphs, self.stage = graphs, 0
+        # resumed in a latent stage: its optimiser and TwoGradient, those of the last step taken
+        saved_stage = schedule(cfg, (self.step - 1) / self.spe)["stage"] if ck is not None and self.step else 0
+        if saved_stage:
+            self.enter_stage(saved_stage, build=False)
+        if ck is not None:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            for g in self.opt.param_groups:
+                g["lr"] = float(g["lr"])  # a run under CUDA graphs saves it as a tensor
+            self.tg.load_state_dict(ck["two_gradient"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            if cuda and ck["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+        self.best = ck.get("best_val", math.inf) if ck else math.inf
+        self.history = list(ck.get("clean_err_history", [])) if ck else []  # train clean error per epoch
+        self.classes = self.model[-1].out_features
+        for name, labels in (("training", self.y_train), ("test", self.y_test)):
+            if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < self.classes):
+                raise DataError(f"the {name} labels must lie in [0, {self.classes}); the data files may be damaged")
+        self.run_step, self.tally = build_step(self.model, self.opt, self.tg, cfg, device, self.dist, graphs, self.step)
+        self.trace = open(args.trace, "a") if args.trace and self.master else None
+        self.progress = Progress(cfg, self.spe, args.progress)
+        self.perm_epoch = self.perm = None
+        self.phases = {}
+
+    def enter_stage(self, stage, build=True):
+        """Latent stage `stage`: freeze the first `stage` affine layers (cumulatively), then a fresh Adam
+        and a fresh TwoGradient over what still trains, and the step built anew for them."""
+        for i in affine_layers(self.model)[:stage]:
+            self.model[i].requires_grad_(False)
+        self.opt = make_optimizer(self.model, self.cfg, self.device, self.graphs)
+        self.tg = certmin.TwoGradient(self.model.parameters(), mode=self.cfg["weights"], group=self.dist.group,
+                                      scope=self.cfg.get("weight_scope", "full"))
+        if build:
+            self.run_step, self.tally = build_step(self.model, self.opt, self.tg, self.cfg, self.device, self.dist,
+                                                   self.graphs, self.step)
+        self.stage = stage
+
+    def batch(self):
+        """The next training batch, on the device; one seeded shuffle per epoch, so a resumed run sees
+        the same batches."""
+        epoch, k = divmod(self.step, self.spe)
+        if epoch != self.perm_epoch:
+            g = torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch)
+            self.perm_epoch, self.perm = epoch, torch.randperm(len(self.y_train), generator=g).to(self.device)
+        bs, dist = self.cfg["batch_size"], self.dist
+        idx = self.perm[(k * bs):(k + 1) * bs][dist.rank::dist.world]
+        x, y = self.x_train[idx].float() / 255, self.y_train[idx]
+        if self.cfg["dataset"] == "cifar":
+            x = augment(x)
+        if self.cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def checkpoint(self, epoch, path=None):
+        """Save everything needed to resume exactly, atomically: a failed write keeps the old file."""
+        path = path or self.ck_path
+        if self.master:
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                         "two_gradient": self.tg.state_dict(), "epoch": epoch, "step": self.step, "config": self.cfg,
+                         "best_val": self.best, "clean_err_history": self.history,
+                         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device)
+                                 if self.device.type == "cuda" else None}}, path)
+        if path == self.ck_path:
+            self.saved.update(step=self.step, epoch=epoch)
+
+    def log(self, rec):
+        try:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(strict_json(rec) + "\n")
+        except OSError as err:
+            raise DataError(f"could not append to {self.out / 'log.jsonl'} ({err.strerror or err}); {self.ck_path} "
+                            f"still holds epoch {self.saved['epoch']}: fix the folder, then --resume")
+
+
+def epoch_record(r, s, done):
+    """The epoch's figures (summed on the device, read once here) and, when due, the test figures."""
+    bad = int(r.tally.first_bad)  # the host waits for the GPU here, once per epoch
+    if bad >= 0:  # before anything is saved: last.pt keeps the end of the last good epoch
+        raise DataError(f"non-finite loss at epoch {bad // r.spe + 1}, step {bad}; stopping. The last good "
+                        f"checkpoint, {r.ck_path}, is intact: lower --lr and --resume, or look at the data")
+    means = r.tally.means()
+    m = dict(zip(FIGURES, (v / r.dist.world for v in r.dist.sum([means[key] for key in FIGURES]))))
+    epoch = r.step // r.spe if done else r.step / r.spe
+    rec = {"epoch": epoch, "step": r.step, "phase": s["phase"], "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"],
+           "beta": s["beta"], "c_t": s["c_t"], "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"],
+           "k_ver": m["k_ver"], "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
+           "clean_err": m["clean_wrong"], "adv_err": m["adv_wrong"], "ver_err": m["ver_wrong"],
+           "seconds": time.time() - r.t0, "phases": list(r.phases)}
+    if done and r.master and (epoch % r.args.eval_every == 0 or r.step == r.total):
+        r.model.eval()
+        with full_precision():
+            rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(r.model, r.x_test, r.y_test, r.cfg["eps"])
+            if r.val is not None:
+                rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(r.model, *r.val, r.cfg["eps"])
+        r.model.train()
+    return rec
+
+
+def report(r, rec, reason):
+    """The epoch's table row, its test line, and its line in log.jsonl."""
+    if not r.master:
+        return
+    print(row(rec), flush=True)
+    if "test_clean_err" in rec:
+        line = (f"  test: clean error {rec['test_clean_err']:.4f}, IBP-verified error "
+                f"{rec['test_ibp_verified_err']:.4f} at eps {r.cfg['eps']:.4f}")
+        if "val_clean_err" in rec:
+            line += f"; validation: clean {rec['val_clean_err']:.4f}, IBP-verified {rec['val_ibp_verified_err']:.4f}"
+        print(line, flush=True)
+    r.log({**rec, "collapse": reason, "config": r.cfg})
+
+
+def collapsed(r, rec, reason, phase):
+    """The collapse guard: True to stop (last.pt keeps the epoch before; the collapsed weights go aside)."""
+    ep = rec["epoch"]
+    if r.args.allow_collapse:
+        if r.master:
+            print(f"warning: training collapsed in epoch {ep}: {reason}; training on (--allow-collapse)",
+                  file=sys.stderr, flush=True)
+        return False
+    r.checkpoint(ep, r.out / "collapsed.pt")
+    if r.master:
+        print(f"error: training collapsed in epoch {ep} ({phase}): {reason}; verified loss {rec['loss_ver']:.3f} "
+              f"(ln {r.classes} = {math.log(r.classes):.3f} is the constant classifier's). Stopping: {r.ck_path} "
+              f"still holds step {r.saved['step']} (epoch {r.saved['epoch']}), the last good one, and "
+              f"{r.out / 'collapsed.pt'} the collapsed weights. What to change: a longer schedule (--epochs; the "
+              f"preset's is 250 on MNIST, results/README.md 'The collapse'), or --allow-collapse to train on regardless.",
+              file=sys.stderr, flush=True)
+    return True
+
+
+def end_of_epoch(r, s):
+    """Figures, evaluation, log, collapse guard and saves at the end of an epoch (or of an interrupted
+    one). Returns an exit status to stop with, or None to go on."""
+    done = r.step % r.spe == 0 or r.step == r.total
+    rec = epoch_record(r, s, done)
+    ep = rec["epoch"]
+    reason = collapse_reason(rec["clean_err"], r.history, r.classes) if done else None
+    report(r, rec, reason)
+    if reason and collapsed(r, rec, reason, s["phase"]):
+        return 3
+    if done:
+        r.history.append(rec["clean_err"])
+    if rec.get("val_ibp_verified_err", math.inf) < r.best:
+        r.best = rec["val_ibp_verified_err"]
+        r.checkpoint(ep, r.out / "best.pt")
+    stopping = r.args.stop_after and done and ep >= r.args.stop_after
+    if not done or ep % r.args.save_every == 0 or r.step == r.total or stopping:
+        r.checkpoint(ep if done else r.step // r.spe)
+    r.phases, r.t0 = {}, time.time()
+    r.progress.reset()
+    return 0 if stopping else None
+
+
+def start(args):
+    """The Run, set up and announced; None when it is a finished run resumed."""
+    r = Run(args)
+    if r.finished:
+        if r.master:
+            print(f"{r.ck_path} is a finished run (epoch {r.saved['epoch']} of {total_epochs(r.cfg)}): nothing to train. "
+                  f"Certify it with: python verify.py {r.out}", flush=True)
+        return None
+    if args.resume and r.master:
+        print(f"resuming {r.ck_path} at epoch {r.saved['epoch']} (step {r.step})", flush=True)
+    r.setup()
+    cfg, world = r.cfg, r.dist.world
+    if r.master:
+        print(f"{cfg['method']} on {cfg['dataset']} eps {cfg['eps']:.4f} (train {cfg['eps_train']:.4f}), "
+              f"{cfg['model']}, {cfg['epochs']} epochs x {r.spe} steps, batch {cfg['batch_size']}, {r.device}"
+              f"{f' x {world} processes' if world > 1 else ''}; writing {r.out}", flush=True)
+        print(header(), flush=True)
+    r.stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: r.stop.update(now=True))  # finish the step, save, exit
+    r.t0 = time.time()
+    return r
 
 
 def train(args):
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist = Dist(device)
-    if args.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda asked for, but torch sees no GPU; use --device cpu or auto")
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    out = Path(args.out or f"runs/{args.dataset}-{args.eps_text.replace('/', '_')}-{args.method}")
-    ck_path = out / "last.pt"
-    master = dist.rank == 0
-    cfg = resolve(args)
-    start_step, ck = 0, None
-    if args.resume:
-        ck = load_checkpoint(ck_path)
-        cfg, start_step = ck["config"], ck["step"]
-        if master:
-            print(f"resuming {ck_path} at epoch {ck['epoch']} (step {start_step})", flush=True)
-    torch.manual_seed(cfg["seed"])
-    (x_train, y_train), (x_test, y_test), val = setup_data(cfg, args, device)
+    r = start(args)
+    if r is None:
+        return 0
+    status = None
+    while r.step < r.total and not r.stop["now"] and status is None:
+        x, y = r.batch()
+        s = schedule(r.cfg, r.step / r.spe)
+        if s["stage"] != r.stage:
+            r.enter_stage(s["stage"])
+        rec = r.run_step(x, y, s)
+        if r.trace:  # one line per step: a sync per step, for post-mortems only
+            r.trace.write(strict_json({"step": r.step, "epoch": r.step / r.spe, "phase": s["phase"], "lr": s["lr"],
+                                       "eps_ver": s["eps_ver"], **{k: float(v) for k, v in rec.items()}}) + "\n")
+        r.phases.setdefault(s["phase"], None)
+        r.step += 1
+        if r.master and args.progress:
+            r.progress.tick(r.step, s["phase"])
+        if r.step % r.spe == 0 or r.step == r.total or r.stop["now"]:
+            status = end_of_epoch(r, s)
+    return finish(r, status)
 
-    complete_config(cfg)
-    cuda = device.type == "cuda"
-    if args.cuda_graphs and not cuda and not GraphedStep.DRY_RUN:
-        raise DataError("--cuda-graphs needs a GPU (--device cuda)")
-    graphs = (cuda if args.cuda_graphs is None else args.cuda_graphs) and dist.world == 1 and not args.trace
-    # PGD training stays eager: its attack kept its best points with boolean masks (not capturable) until
-    # commit 30d93e9; it is torch.where now, but PGD training has not been tried under graphs on a GPU
-    graphs = graphs and cfg["method"] != "pgd"
-    model, opt, tg = prepare_training(cfg, device, dist, graphs)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for g in opt.param_groups:
-            g["lr"] = float(g["lr"])  # a run under CUDA graphs saves it as a tensor
-        tg.load_state_dict(ck["two_gradient"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    best = ck.get("best_val", math.inf) if ck else math.inf
-    history = list(ck.get("clean_err_history", [])) if ck else []  # train clean error per epoch
-    classes = model[-1].out_features
-    for name, labels in (("training", y_train), ("test", y_test)):
-        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
-            raise DataError(f"the {name} labels must lie in [0, {classes}); the data files may be damaged")
 
-    bs = cfg["batch_size"]
-    if bs % dist.world:
-        raise DataError(f"--batch-size {bs} must be divisible by the number of processes ({dist.world})")
-    spe = max(1, len(y_train) // bs)  # steps per epoch (the last partial batch is dropped)
-    total = cfg["epochs"] * spe
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{cfg['method']} on {cfg['dataset']} eps {cfg['eps']:.4f} (train {cfg['eps_train']:.4f}), "
-              f"{cfg['model']}, {cfg['epochs']} epochs x {spe} steps, batch {bs}, {device}"
-              f"{f' x {dist.world} processes' if dist.world > 1 else ''}; writing {out}", flush=True)
-        print(header(), flush=True)
-
-    saved = {"step": start_step, "epoch": ck["epoch"] if ck else 0}  # what last.pt holds
-
-    def checkpoint(step, epoch, path=ck_path):
-        if path == ck_path:
-            saved.update(step=step, epoch=epoch)
-        if master:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "two_gradient": tg.state_dict(), "epoch": epoch, "step": step, "config": cfg,
-                         "best_val": best, "clean_err_history": history,
-                         "rng": {"torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, path)
-
-    stop = {"now": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))  # finish the step, save, exit
-
-    trace = open(args.trace, "a") if args.trace and master else None
-    step, status = start_step, 0
-    run_step, tally = build_step(model, opt, tg, cfg, device, dist, graphs, start_step)
-    phases, t0 = {}, time.time()
-    last_progress = t0
-    perm_epoch, perm = None, None
-    while step < total and not stop["now"]:
-        epoch, k = divmod(step, spe)
-        if epoch != perm_epoch:  # one seeded shuffle per epoch, so a resumed run sees the same batches
-            g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
-            perm_epoch, perm = epoch, torch.randperm(len(y_train), generator=g).to(device)
-        idx = perm[(k * bs):(k + 1) * bs][dist.rank::dist.world]
-        x, y = x_train[idx].float() / 255, y_train[idx]
-        if cfg["dataset"] == "cifar":
-            x = augment(x)
-        if cfg["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        s = schedule(cfg, step / spe)
-        rec = run_step(x, y, s)
-        if trace:  # one line per step: a sync per step, for post-mortems only
-            trace.write(json.dumps({"step": step, "epoch": step / spe, "phase": s["phase"], "lr": s["lr"],
-                                    "eps_ver": s["eps_ver"], **{key: float(v) for key, v in rec.items()}}) + "\n")
-        phases.setdefault(s["phase"], None)
-        step += 1
-
-        if master and args.progress and time.time() - last_progress > args.progress and step % spe:
-            last_progress = time.time()
-            pace = (last_progress - t0) / (step % spe)  # seconds per step in this epoch so far
-            print(f"  epoch {epoch + 1}: step {step % spe}/{spe}, {last_progress - t0:.0f}s; at {pace:.2f} s/step "
-                  f"the epoch ends in {duration(pace * (spe - step % spe))} and the run in "
-                  f"{duration(pace * (total - step))}", file=sys.stderr, flush=True)
-        if step % spe and step != total and not stop["now"]:
-            continue
-        # end of an epoch (or of an interrupted one): log, evaluate, check for a collapse, save
-        bad = int(tally.first_bad)  # the host waits for the GPU here, once per epoch
-        if bad >= 0:  # before anything is saved: last.pt keeps the end of the last good epoch
-            raise DataError(f"non-finite loss at epoch {bad // spe + 1}, step {bad}; stopping. The last good "
-                            f"checkpoint, {ck_path}, is intact: lower --lr and --resume, or look at the data")
-        done = step % spe == 0 or step == total
-        means = tally.means()
-        m = dict(zip(FIGURES, (v / dist.world for v in dist.sum([means[key] for key in FIGURES]))))
-        rec = {"epoch": epoch + 1 if done else step / spe, "step": step, "phase": s["phase"],
-               "eps_adv": s["eps_adv"], "eps_ver": s["eps_ver"], "beta": s["beta"], "c_t": s["c_t"],
-               "kappa": s["kappa"], "lr": s["lr"], "k_adv": m["k_adv"], "k_ver": m["k_ver"],
-               "conflict": m["conflict"], "loss_adv": m["loss_adv"], "loss_ver": m["loss_ver"],
-               "clean_err": m["clean_wrong"], "adv_err": m["adv_wrong"], "ver_err": m["ver_wrong"],
-               "seconds": time.time() - t0, "phases": list(phases)}
-        ep = epoch + 1
-        if done and master and (ep % args.eval_every == 0 or step == total):
-            model.eval()
-            with full_precision():
-                rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(model, x_test, y_test, cfg["eps"])
-                if val is not None:
-                    rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(model, *val, cfg["eps"])
-            model.train()
-        reason = collapse_reason(rec["clean_err"], history, classes) if done else None
-        if master:
-            print(row(rec), flush=True)
-            if "test_clean_err" in rec:
-                line = f"  test: clean error {rec['test_clean_err']:.4f}, IBP-verified error {rec['test_ibp_verified_err']:.4f} at eps {cfg['eps']:.4f}"
-                if "val_clean_err" in rec:
-                    line += f"; validation: clean {rec['val_clean_err']:.4f}, IBP-verified {rec['val_ibp_verified_err']:.4f}"
-                print(line, flush=True)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({**rec, "collapse": reason, "config": cfg}) + "\n")
-        if reason and args.allow_collapse and master:
-            print(f"warning: training collapsed in epoch {ep}: {reason}; training on (--allow-collapse)",
-                  file=sys.stderr, flush=True)
-        elif reason:  # last.pt keeps the epoch before; the collapsed weights go aside for a post-mortem
-            checkpoint(step, ep, out / "collapsed.pt")
-            if master:
-                print(f"error: training collapsed in epoch {ep} ({s['phase']}): {reason}; verified loss "
-                      f"{rec['loss_ver']:.3f} (ln {classes} = {math.log(classes):.3f} is the constant classifier's). "
-                      f"Stopping: {ck_path} still holds step {saved['step']} (epoch {saved['epoch']}), the last good "
-                      f"one, and {out / 'collapsed.pt'} the collapsed weights. What to change: a longer "
-                      f"schedule (--epochs; the preset's is 250 on MNIST, README 'The collapse'), or --allow-collapse "
-                      f"to train on regardless.", file=sys.stderr, flush=True)
-            status = 3
-            break
-        if done:
-            history.append(rec["clean_err"])
-        if rec.get("val_ibp_verified_err", math.inf) < best:
-            best = rec["val_ibp_verified_err"]
-            checkpoint(step, ep, out / "best.pt")
-        stopping = args.stop_after and done and ep >= args.stop_after
-        if not done or ep % args.save_every == 0 or step == total or stopping:
-            checkpoint(step, ep if done else epoch)
-        phases, t0 = {}, time.time()
-        last_progress = t0
-        if stopping:
-            break
-    if trace:
-        trace.close()
-    if stop["now"] and master:
-        print(f"interrupted: saved {ck_path} at step {step}; continue with --resume", flush=True)
-    if dist.world > 1:  # every rank must hold the same weights; say so loudly if not
-        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+def finish(r, status):
+    """Close the trace, say how to resume an interrupted run, check that all ranks agree; the exit status."""
+    if r.trace:
+        r.trace.close()
+    if r.stop["now"] and r.master:
+        print(f"interrupted: saved {r.ck_path} at step {r.step}; continue with --resume", flush=True)
+    if r.dist.world > 1:  # every rank must hold the same weights; say so loudly if not
+        flat = torch.cat([p.detach().reshape(-1).double() for p in r.model.parameters()])
         check = flat.clone()
-        dist.mean_([check])  # the float64 mean of identical float32 values is exact
+        r.dist.mean_([check])  # the float64 mean of identical float32 values is exact
         if not torch.equal(check, flat):
-            raise DataError(f"rank {dist.rank} holds different parameters from the mean of all ranks")
-        if master:
-            print(f"all {dist.world} ranks hold identical parameters", flush=True)
+            raise DataError(f"rank {r.dist.rank} holds different parameters from the mean of all ranks")
+        if r.master:
+            print(f"all {r.dist.world} ranks hold identical parameters", flush=True)
         import torch.distributed as tdist
         tdist.destroy_process_group()
-    return status or (130 if stop["now"] else 0)
+    return status or (130 if r.stop["now"] else 0)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser():
+    """The command line's options, with their help."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # whole option names only: --resume checks which were given
     ap.add_argument("--dataset", required=True, choices=sorted(PRESETS), help="picks the preset with --eps")
     ap.add_argument("--eps", required=True, type=str, help="test epsilon in pixel space, e.g. 0.3 or 8/255")
     ap.add_argument("--method", default="advibp", choices=METHODS,
@@ -830,16 +1144,28 @@ def main(argv=None):
     ap.add_argument("--weight-scope", default="full", choices=certmin.SCOPES,
                     help="the gradient the two-gradient weights are computed from: full (every parameter) or first "
                          "(the first trainable tensor only, as the authors' code does); the update uses all of it")
+    ap.add_argument("--latent-stages", type=int, default=0,
+                    help="for advibp / advcrown-ibp: after the schedule, this many layer-wise latent stages as in the "
+                         "authors' code (stage k freezes the first k Linear/Conv layers and attacks inside the IBP box "
+                         "of layer k's input; both eps full, c_t 0, a fresh Adam at lr/4)")
+    ap.add_argument("--latent-epochs", type=int, default=None, help="epochs per latent stage (default: --epochs, "
+                    "or the preset's: 250 on MNIST as in the authors' code)")
     ap.add_argument("--model", default="dm-large", choices=sorted(MODELS))
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's; scales every epoch number")
-    ap.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
-    ap.add_argument("--lr", type=float, default=5e-4, help="Adam's learning rate")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="global batch size (split across processes); default: the preset's (256)")
+    ap.add_argument("--lr", type=float, default=None, help="Adam's learning rate; default: the preset's (5e-4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     ap.add_argument("--data", default="data", help="folder with the datasets (downloaded there if missing)")
     ap.add_argument("--no-download", action="store_true", help="never try to download a missing dataset")
     ap.add_argument("--out", default=None, help="output folder (default runs/DATASET-EPS-METHOD)")
-    ap.add_argument("--resume", action="store_true", help="continue exactly where --out/last.pt stopped")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue exactly where --out/last.pt stopped, with the checkpoint's config (an option that "
+                         "contradicts it is refused)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out that holds a run: deletes its last.pt, best.pt, collapsed.pt and "
+                         "log.jsonl first (without it such a folder is refused)")
     ap.add_argument("--val-split", type=int, default=0,
                     help="hold out N training images; best.pt is the checkpoint with the lowest validation "
                          "IBP-verified error (never selected on the test set). 0: keep only last.pt")
@@ -848,6 +1174,12 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations (and at the end)")
     ap.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs (resume later)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per batch for --method pgd")
+    add_speed_and_logging_options(ap)
+    return ap
+
+
+def add_speed_and_logging_options(ap):
+    """The options that change how fast a run goes and what it prints and keeps, not what it trains."""
     ap.add_argument("--precision", default="tf32", choices=PRECISIONS,
                     help="arithmetic of the training losses: fp32 (exact float32), tf32 (on CUDA TF32 matmuls and "
                          "convolutions; the default; float32 on the CPU), bf16 (TF32 plus bf16 autocast, on the CPU "
@@ -858,7 +1190,7 @@ def main(argv=None):
                          "processes or --trace)")
     ap.add_argument("--channels-last", action="store_true",
                     help="keep the model and batches in channels_last (NHWC) memory format: on the H100 it saved the "
-                         "layout transposes of cuDNN's tensor-core kernels (README, 'CUDA')")
+                         "layout transposes of cuDNN's tensor-core kernels (results/README.md, 'CUDA')")
     ap.add_argument("--clean-n", type=int, default=0,
                     help="the train clean error (log, collapse guard) from the first N examples of each batch, one "
                          "no-grad forward after the step; 0: the whole batch. Does not change the training")
@@ -870,7 +1202,17 @@ def main(argv=None):
     ap.add_argument("--trace", default=None, help="append one JSON line per training step to this file "
                     "(losses, weights k_adv/k_ver/k_reg, gradient norms, errors); slower")
     ap.add_argument("--progress", type=float, default=30, help="seconds between progress lines within an epoch")
+
+
+def parse_args(argv=None):
+    """train.py's command line as a Namespace (argparse errors exit with status 2), as main() takes it."""
+    ap = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    args.given = {a.dest for a in ap._actions if any(o in argv or any(v.startswith(o + "=") for v in argv)
+                                                     for o in a.option_strings)}
+    if args.resume and args.overwrite:
+        ap.error("--resume and --overwrite contradict each other: continue the run, or delete it and start again")
     try:
         args.eps_text, args.eps = args.eps, parse_eps(args.eps)
     except argparse.ArgumentTypeError as err:
@@ -880,11 +1222,20 @@ def main(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if args.clean_n < 0:
         ap.error("--clean-n must be >= 0 (0: the whole batch)")
+    if args.latent_stages:
+        most = len(affine_layers(MODELS[args.model]())) - 1
+        if args.method not in ("advibp", "advcrown-ibp") or not 0 < args.latent_stages <= most:
+            ap.error(f"--latent-stages: 1 to {most} for {args.model}, with --method advibp or advcrown-ibp")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         return train(args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, Refused) else 1
 
 
 if __name__ == "__main__":

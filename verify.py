@@ -13,14 +13,15 @@ status non-zero.
 """
 import argparse
 import contextlib
-import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import certmin
-from train import PRECISIONS, DataError, build_model, full_precision, load_checkpoint, load_data, parse_eps, set_precision
+from train import (PRECISIONS, DataError, build_model, full_precision, load_checkpoint, load_data, parse_eps, set_precision,
+                   strict_json)
 
 
 def certified_exactly(model, xl, xu, C, method, progress=None, alpha_steps=None):
@@ -97,9 +98,10 @@ def table(rows, methods):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def make_parser():
+    """The command line's options, with their help."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a .pt file written by train.py")
+    ap.add_argument("checkpoint", help="a .pt file written by train.py, or a run folder (its last.pt)")
     ap.add_argument("--eps", default=None, help="default: the test eps the checkpoint was trained for (e.g. 8/255)")
     ap.add_argument("--eps-sweep", default=None, help="comma-separated eps list, one row each (e.g. 0.1,0.2,0.3)")
     ap.add_argument("--methods", default="ibp,crown-ibp",
@@ -119,9 +121,15 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                     help="the arithmetic of the clean and PGD columns; the bounds are always float64, made exact")
-    ap.add_argument("--data", default="data", help="folder with the datasets (downloaded there if missing)")
+    ap.add_argument("--data", default=None, help="folder with the datasets (default: the one the run was trained "
+                    "from, else ./data; the test split is downloaded there if missing)")
     ap.add_argument("--no-download", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    return ap
+
+
+def main(argv=None):
+    ap = make_parser()
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in certmin.METHODS]
@@ -134,18 +142,11 @@ def main(argv=None):
     except argparse.ArgumentTypeError as err:
         ap.error(str(err))
     try:
-        ck = load_checkpoint(args.checkpoint)
-        cfg = ck["config"]
-        model = build_model(cfg)
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as err:
-            raise DataError(f"{args.checkpoint}: the weights do not fit a {cfg.get('model')} ({str(err)[:200]})")
-        eps_list = eps_list or [cfg["eps"]]
-        _, _, x, y = load_data(cfg["dataset"], args.data, download=not args.no_download)
+        cfg, model, x, y = load_model_and_test_set(args)
     except (DataError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    eps_list = eps_list or [cfg["eps"]]
     if args.n:
         x, y = x[:args.n], y[:args.n]
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,12 +176,28 @@ def main(argv=None):
               file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
-                       "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
-                       "pgd_precision": args.pgd_precision, "seed": args.seed,
-                       "exact_arithmetic": methods,
-                       "rows": rows, "certified_but_attacked": bad}, f, indent=1)
+            f.write(strict_json({"checkpoint": str(args.checkpoint), "config": cfg, "methods": methods, "dtype": args.dtype,
+                                 "device": str(device), "pgd_steps": args.pgd_steps, "restarts": args.restarts,
+                                 "pgd_precision": args.pgd_precision, "seed": args.seed, "exact_arithmetic": methods,
+                                 "rows": rows, "certified_but_attacked": bad}, indent=1))
     return 1 if bad else 0
+
+
+def load_model_and_test_set(args):
+    """(config, model, test images, labels) for a checkpoint or a run folder (its last.pt); the data from
+    --data, else the folder the run was trained from, else ./data. Only the test split is read."""
+    if Path(args.checkpoint).is_dir():
+        args.checkpoint = str(Path(args.checkpoint) / "last.pt")
+    ck = load_checkpoint(args.checkpoint)
+    cfg = ck["config"]
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as err:
+        raise DataError(f"{args.checkpoint}: the weights do not fit a {cfg.get('model')} ({str(err)[:200]})")
+    data = args.data or (cfg["data"] if Path(cfg.get("data") or "/nonexistent").is_dir() else "data")
+    x, y = load_data(cfg["dataset"], data, download=not args.no_download, test_only=True)
+    return cfg, model, x, y
 
 
 if __name__ == "__main__":
