@@ -3,7 +3,7 @@ weights, the size of the combined gradient and of Adam's update, and how much th
 verified loss (same batch, and the first 1000 test images). Starts from a finished train.py run's
 last.pt (model, Adam and TwoGradient state) and takes train.py's own steps at that run's last epoch.
 
-    python results/advibp_weight_scale/measure.py runs/full/advibp/last.pt --data ../shared/data \
+    python -m results.advibp_weight_scale.measure runs/full/advibp/last.pt --data ../shared/data \
         --steps 234 --json results/advibp_weight_scale/seed0.json
 """
 import argparse
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import certmin  # noqa: E402
-import train  # noqa: E402
+import certmin
+import train
 
 
 def main():

@@ -1,13 +1,12 @@
 """Do certmin.bounds() hold under the caller's bf16 autocast? Run from the repository root:
-    python results/bounds_under_autocast/check.py [--no-ieee]
+    python -m results.bounds_under_autocast.check [--no-ieee]
 --no-ieee calls the bound computation without the IEEE guard, as bounds() did before commit 536bdb9."""
 import copy
 import sys
 
 import torch
 
-sys.path.insert(0, ".")
-import certmin  # noqa: E402
+import certmin
 
 raw = "--no-ieee" in sys.argv
 torch.manual_seed(0)

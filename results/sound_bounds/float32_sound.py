@@ -1,6 +1,6 @@
 """sound_bounds in float32 arithmetic (dtype=torch.float32) against float64 (verify.py's): certificates
 kept, widening over float64 bounds, time. Usage, from the repository root:
-    PYTHONPATH=. python results/sound_bounds/float32_sound.py NET... [--n 1000] [--crown-n 100]"""
+    python -m results.sound_bounds.float32_sound NET... [--n 1000] [--crown-n 100]"""
 import argparse
 import copy
 import json

@@ -1,7 +1,7 @@
 """Sound CROWN against float64 CROWN on one test image: the worst margin bound of each and the widening
 relative to bench.margin_scale, as bench.py rounding measures it. Run from the repository root:
 
-    PYTHONPATH=. python results/sound_bounds/widening_one_image.py CHECKPOINT [EPS] [--data ../shared/data]
+    python -m results.sound_bounds.widening_one_image CHECKPOINT [EPS] [--data ../shared/data]
 """
 import argparse
 import copy
