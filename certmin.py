@@ -4,15 +4,23 @@ Centre: Fan & Li, "Adversarial Training and Provable Robustness: A Tale of Two O
 (AAAI 2021), called AdvIBP: train on an adversarial loss and a verified (bound-based) loss at once,
 and weight their two gradients each step with a bias-corrected stochastic multi-gradient rule.
 
-Sections, top to bottom:
-  1. models       Normalize and the DeepMind DM-small / medium / large builders
-  2. boxes        input_box, margin_spec
-  3. bounds       IBP, CROWN-IBP and CROWN for Sequential Linear/Conv2d/ReLU/Flatten/Normalize nets;
-                 sound_bounds, the same bounds made to hold in exact arithmetic (for certificates)
-  4. losses       verified_loss
-  5. attacks      fgsm_rs, pgd, fosc
-  6. schedules    smooth_ramp, linear_ramp
-  7. weighting    TwoGradient, the paper's rule (and its ablations)
+The file reads as the paper first, top to bottom:
+
+Part I, training (enough to read the method alone)
+  1. models        Normalize and the DeepMind DM-small / medium / large builders
+  2. boxes         input_box, margin_spec
+  3. IBP           the layer walk and interval bounds (Sequential Linear/Conv2d/ReLU/Flatten/Normalize)
+  4. CROWN-IBP     CROWN's backward pass over IBP's ReLU bounds; margin_lower mixes the two
+  5. the loss      verified_loss
+  6. attacks       fgsm_rs, pgd, fosc, adv_loss_and_fosc
+  7. schedules     smooth_ramp, linear_ramp
+  8. weighting     TwoGradient, the paper's rule (and its ablations)
+Part II, verification
+  9. bounds()      every method, with full CROWN and alpha-CROWN
+ 10. exactness     sound_bounds: the same bounds, every rounding charged, for certificates
+Part III, kernels
+ 11. fused steps   IBP's ReLU and CROWN's ReLU step as autograd functions, torch.compile'd when large
+ 12. arithmetic    _ieee: IEEE float32/64 whatever autocast or TF32 the caller set
 
 This file imports only the standard library and torch: copy it into your project as it is.
 
@@ -34,6 +42,12 @@ import torch.nn.functional as F
 __all__ = ["Normalize", "dm_small", "dm_medium", "dm_large", "input_box", "margin_spec", "bounds",
            "sound_bounds", "verified_loss", "fgsm_rs", "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp",
            "linear_ramp", "TwoGradient"]
+
+
+# ==============================================================================================
+# PART I. TRAINING: what the paper's method needs, readable on its own
+# ==============================================================================================
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. Models
@@ -142,15 +156,12 @@ def margin_spec(y, classes, check=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Bounds. A network is walked as a flat list of layers. IBP goes forward in centre/radius form;
-#    CROWN goes backward with a linear lower bound A x + bias, one row per specification. Upper
-#    bounds are lower bounds of the negated specification, so the backward pass has one rule only.
+# 3. IBP. A network is walked as a flat list of layers; IBP goes forward in centre/radius form.
 # ----------------------------------------------------------------------------------------------
+
 
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize)
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
-ALPHA_STEPS, ALPHA_LR = 20, 0.1  # alpha-CROWN's defaults: projected Adam steps and their rate
-ALPHA_BUDGET = 2 ** 24  # alpha variables (examples x rows x ReLU neurons) optimised at once
 
 
 def _layers(model):
@@ -198,58 +209,6 @@ def _ibp_layer(m, c, r):
     return c.flatten(1), r.flatten(1)  # Flatten
 
 
-COMPILE_MIN = int(os.environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
-_compiled = {}
-
-
-def _fused(fn, *args):
-    """Run fn compiled when its first tensor is large. torch.compile fuses an elementwise chain into
-    one loop: ~6x faster than eager on CROWN's A at DM-large's size, where eager's many passes over
-    150 MB tensors dominate a CROWN-IBP step. Small tensors, or a platform where compiling fails, run
-    fn as it is. The chains are plain IEEE arithmetic, so both give the same numbers."""
-    args = [t.detach() for t in args]  # inside autograd.Function already; detached, dynamo traces quietly
-    if COMPILE_MIN <= 0 or args[0].numel() < COMPILE_MIN or _compiled.get(fn) is False:
-        return fn(*args)
-    try:
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=True)
-        return _compiled[fn](*args)
-    except Exception as err:  # no compiler, unsupported platform, ...: fall back for good
-        warnings.warn(f"certmin: torch.compile failed ({type(err).__name__}: {err}); using eager kernels")
-        _compiled[fn] = False
-        return fn(*args)
-
-
-def _ibp_relu_forward(c, r):
-    l, u = (c - r).clamp(min=0), (c + r).clamp(min=0)
-    return (u + l) / 2, (u - l) / 2
-
-
-def _ibp_relu_backward(c, r, g_c, g_r):
-    # autograd's own arithmetic for the forward above, term by term (so the same bits): clamp passes
-    # the gradient where its input is >= 0, the halves and the sums come back through / 2, + and -
-    half_c, half_r = g_c / 2, g_r / 2
-    g_u = torch.where(c + r >= 0, half_c + half_r, 0)
-    g_l = torch.where(c - r >= 0, half_c - half_r, 0)
-    return g_u + g_l, g_u - g_l
-
-
-class _IbpRelu(torch.autograd.Function):
-    """IBP through a ReLU in centre/radius form: (c, r) -> the centre and radius of [relu(c - r),
-    relu(c + r)]. Eager autograd runs this as 8 passes forward and 12 backward over activation-sized
-    tensors (most of an IBP step's memory traffic on a GPU); written out, each direction is one fused
-    loop on large tensors (_fused), with the same numbers."""
-
-    @staticmethod
-    def forward(ctx, c, r):
-        ctx.save_for_backward(c, r)
-        return _fused(_ibp_relu_forward, c, r)
-
-    @staticmethod
-    def backward(ctx, g_c, g_r):
-        return _fused(_ibp_relu_backward, *ctx.saved_tensors, g_c, g_r)
-
-
 def _centre_radius(xl, xu, ledger=None):
     """The box's centre and radius; with a ledger (sound_bounds), ones whose exact box contains it."""
     return _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
@@ -284,6 +243,13 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
     return c - r, c + r, pre, shapes
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. CROWN-IBP. CROWN goes backward with a linear lower bound A x + bias, one row per
+#    specification. Upper bounds are lower bounds of the negated specification, so the backward
+#    pass has one rule only. CROWN-IBP takes its ReLUs' bounds from IBP.
+# ----------------------------------------------------------------------------------------------
+
+
 def _relax(l, u):
     """Linear ReLU relaxation on [l, u] (CROWN's relaxation): relu(z) >= d_l z and relu(z) <= d_u z + b_u.
     Unstable: chord upper, lower slope 1 if u > -l else 0. Stable neurons are exact."""
@@ -293,42 +259,6 @@ def _relax(l, u):
     b_u = torch.where(unstable, -l * d_u, torch.zeros_like(u))
     d_l = torch.where(unstable, (u > -l).to(u.dtype), active.to(u.dtype))
     return d_l, d_u, b_u
-
-
-def _relu_step_forward(A, d_l, d_u, b_u):
-    neg = A < 0
-    out = A * torch.where(neg, d_u.unsqueeze(1), d_l.unsqueeze(1))
-    bias = (torch.where(neg, A, 0) * b_u.unsqueeze(1)).flatten(2).sum(-1)
-    return out, bias
-
-
-def _relu_step_backward(out, d_l, d_u, b_u, g_out, g_bias):
-    # From the output alone: where the two slopes differ (unstable neurons) d_u > 0 and d_l >= 0, so
-    # out < 0 exactly where A < 0, and there A = out / d_u. Elsewhere b_u = 0 and the gradients of d_u
-    # and b_u are discarded by _relax (constants), so what A_neg holds there does not matter.
-    neg = out < 0
-    g_bias = g_bias.view(*g_bias.shape, *([1] * (out.dim() - 2)))
-    g_A = g_out * torch.where(neg, d_u.unsqueeze(1), d_l.unsqueeze(1)) + torch.where(neg, g_bias * b_u.unsqueeze(1), 0)
-    A_neg = torch.where(neg, out / d_u.unsqueeze(1), 0)
-    return g_A, (g_out * A_neg).sum(1), (g_bias * A_neg).sum(1)
-
-
-class _ReluStep(torch.autograd.Function):
-    """One CROWN step back through a ReLU: A -> A * slope (slope d_l where A >= 0, d_u where A < 0) and
-    bias += sum over A < 0 of A * b_u. The hand-written backward saves only the output, which the next
-    transposed convolution keeps anyway (autograd's own version keeps five tensors of A's size), and
-    lets both directions run fused. d_l is piecewise constant: no gradient."""
-
-    @staticmethod
-    def forward(ctx, A, d_l, d_u, b_u):
-        out, bias = _fused(_relu_step_forward, A, d_l, d_u, b_u)
-        ctx.save_for_backward(out, d_l, d_u, b_u)
-        return out, bias
-
-    @staticmethod
-    def backward(ctx, g_out, g_bias):
-        g_A, g_d_u, g_b_u = _fused(_relu_step_backward, *ctx.saved_tensors, g_out, g_bias)
-        return g_A, None, g_d_u, g_b_u
 
 
 def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=None):
@@ -389,6 +319,340 @@ def _eye_rows(start, stop, n, N, like):
     E = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
     E[torch.arange(stop - start), torch.arange(start, stop)] = 1
     return E.expand(N, -1, -1)
+
+
+def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr, ledger=None):
+    """(lb, ub) of C f (or of the outputs) from the intermediate bounds pre: alpha-CROWN's optimised pass,
+    or CROWN's. ledger: as for _backward."""
+    if C is None:
+        C = _eye_rows(0, outputs, outputs, len(xl), xl)
+    S = C.shape[1]
+    A = torch.cat([C, -C], 1).to(xl.dtype)
+    if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
+        n = ALPHA_BUDGET // max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
+    elif ledger is not None:  # sound_bounds' passes hold a few more tensors of A's size
+        n = SOUND_BUDGET // (A.shape[1] * max(math.prod(s) for s in shapes))
+    else:
+        n = len(A)
+    n, parts = max(1, n), []
+    for j in range(0, len(A), n):
+        part = slice(j, j + n)
+        p = {i: (lo[part], hi[part]) for i, (lo, hi) in pre.items()}
+        led = None if ledger is None else ledger.part(part)
+        if method == "alpha-crown":
+            parts.append(_alpha_crown(layers, A[part], p, shapes, xl[part], xu[part], alpha_steps, alpha_lr, led))
+        else:
+            lb = _concretize(*_backward(layers, A[part], p, shapes, len(layers), ledger=led), xl[part], xu[part], led)
+            parts.append(lb if led is None else led.close(lb))
+    lbs = torch.cat(parts)
+    return lbs[:, :S], -lbs[:, S:]
+
+
+def margin_lower(model, xl, xu, C, beta=0.0, check=True):
+    """beta * (CROWN-IBP lower bound) + (1 - beta) * (IBP lower bound) of C f over the box: the mixture
+    of CROWN-IBP training. One IBP pass serves both; beta = 0 skips the backward pass."""
+    layers = _layers(model)
+    lb, _, pre, shapes = _ibp(layers, xl, xu, C, record=beta != 0, check=check)
+    if beta == 0:
+        return lb
+    lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), pre, shapes, len(layers)), xl, xu)
+    return lb_crown if beta == 1 else beta * lb_crown + (1 - beta) * lb
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The verified loss
+# ----------------------------------------------------------------------------------------------
+
+
+def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0, check=True):
+    """(loss, verified): batch-mean CE(-m_lb, y), where m_lb is a lower bound of the margins
+    z_y - z_j over the eps-box (beta * CROWN-IBP + (1 - beta) * IBP) and m_lb_y = 0;
+    verified (N,) is True where every m_lb_j > 0. check=False skips the two checks that make the
+    host wait for the GPU (labels in range, box non-empty): for a training loop whose labels were
+    checked once and whose x lies in [lo, hi]."""
+    xl, xu = input_box(x, eps, lo, hi)
+    last = _layers(model)[-1]
+    if not isinstance(last, nn.Linear):
+        raise TypeError("verified_loss needs a model whose last layer is nn.Linear (the logits)")
+    classes = last.out_features
+    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes, check).to(x.dtype), beta, check)
+    logits = torch.zeros(len(y), classes, dtype=m_lb.dtype, device=m_lb.device)
+    logits = logits.scatter(1, _others(y, classes), -m_lb)
+    return F.cross_entropy(logits, y), (m_lb > 0).all(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Attacks. They move only inside the box, use autograd.grad on the input alone (so no parameter
+#    .grad is touched), and leave the model's train/eval mode and requires_grad flags as found.
+# ----------------------------------------------------------------------------------------------
+
+
+def _input_grad(model, x, y):
+    """Per-example losses at x and the gradient of each example's own loss with respect to x."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, reduction="none")
+        grad, = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), logits.detach(), grad
+
+
+def fgsm_rs(model, x, y, eps, lo=0.0, hi=1.0):
+    """FGSM with a random start (Wong et al. 2020): uniform start in the eps-ball, one signed-gradient
+    step of 1.25 eps, projected back into the ball and the valid range. eps may be a 0-dim tensor."""
+    xl, xu = input_box(x, eps, lo, hi)
+    start = (2 * torch.rand_like(x) - 1) * eps  # = uniform_(-eps, eps), bit for bit on the CPU; takes a tensor eps
+    x0 = torch.min(torch.max(x + start, xl), xu)
+    _, _, g = _input_grad(model, x0, y)
+    return torch.min(torch.max(x0 + 1.25 * eps * g.sign(), xl), xu).detach()
+
+
+def pgd(model, x, y, eps, steps=200, step_size=None, restarts=1, lo=0.0, hi=1.0):
+    """PGD-k with random starts: signed-gradient ascent on the cross-entropy, projected every step.
+    Returns, per example, the strongest point seen: a misclassified one if any, else the highest loss.
+    The bookkeeping is torch.where, not masked assignment, so the device never waits for the host."""
+    xl, xu = input_box(x, eps, lo, hi)
+    alpha = eps / 40 if step_size is None else step_size
+    best, best_loss = x.detach().clone(), torch.full_like(y, -math.inf, dtype=x.dtype)
+    best_wrong = torch.zeros_like(y, dtype=torch.bool)
+    for _ in range(restarts):
+        xa = xl + (xu - xl) * torch.rand_like(x)
+        for k in range(steps + 1):
+            loss, logits, g = _input_grad(model, xa, y)
+            wrong = logits.argmax(1) != y
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+            best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), xa, best)
+            best_loss = torch.where(better, loss.to(best_loss.dtype), best_loss)
+            best_wrong = best_wrong | wrong  # a better point is wrong, or both are right
+            if k < steps:
+                xa = torch.min(torch.max(xa + alpha * g.sign(), xl), xu)
+    return best
+
+
+def _fosc(grad, x_adv, x, eps, lo, hi):
+    """max over x' in the clipped box of <x' - x_adv, grad>, per example: each coordinate takes the
+    box end that the gradient points to."""
+    xl, xu = input_box(x, eps, lo, hi)
+    return torch.max(grad * (xu - x_adv), grad * (xl - x_adv)).flatten(1).sum(1)
+
+
+def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
+    """First-order stationarity of the attack (Wang et al. 2019), per example, >= 0; 0 at a
+    first-order maximum of the example's own loss inside the box."""
+    return _fosc(_input_grad(model, x_adv, y)[2], x_adv, x, eps, lo, hi)
+
+
+def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
+    """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
+    gradient, FOSC (a 0-dim tensor) costs one extra input-only backward instead of a second forward;
+    wrong (N,) marks the examples that x_adv misclassifies.
+
+    With params: (L_adv detached, FOSC, wrong, L_adv's gradients for params) from one backward pass
+    for both gradients (the input's, for FOSC, and the parameters', for TwoGradient.step(grad_adv=)):
+    a backward pass through the network fewer. FOSC then comes from the mean loss's input gradient
+    times N, equal to the per-example gradients up to rounding."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    wrong = logits.detach().argmax(1) != y
+    if params is None:
+        grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
+        return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
+    mean = loss.mean()
+    *grads, grad = torch.autograd.grad(mean, [*params, x_adv], allow_unused=True)
+    fosc = _fosc(grad.float() * len(y), x_adv.detach(), x, eps, lo, hi).mean()
+    return mean.detach(), fosc, wrong, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Schedules, per iteration
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_ramp(t, start, length, final, init=0.0):
+    """init before start, linear to final over [start, start + length], final after."""
+    if t <= start:
+        return init
+    if t >= start + length:
+        return final
+    return init + (final - init) * (t - start) / length
+
+
+def smooth_ramp(t, start, length, final, init=0.0):
+    """DeepMind IBP's smoothed ramp: init + a (t - start)^4 up to start + length/4, then linear to final
+    at start + length, with a chosen so that value and slope are continuous."""
+    if t <= start:
+        return init
+    if t >= start + length:
+        return final
+    s, mid = t - start, length / 4
+    a = (final - init) / (13 * mid ** 4)  # value a mid^4 + slope 4 a mid^3 times the 3 mid that remain
+    if s <= mid:
+        return init + a * s ** 4
+    return init + a * mid ** 4 + 4 * a * mid ** 3 * (s - mid)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The two-gradient weighting
+# ----------------------------------------------------------------------------------------------
+
+
+MODES = ("advibp", "advibp-biased", "mgda", "sum")
+SCOPES = ("full", "first")  # which gradient the weights are computed from (the update always uses all of it)
+
+
+class TwoGradient:
+    """Weights the gradients of L_adv and L_ver each step and writes the combination into p.grad.
+
+    During the eps ramp (final=False) the weights come from the current minibatch. Once the verified
+    eps is final (final=True), "advibp" and "mgda" compute them from bias-corrected moving averages of
+    the *previous* steps' gradients only, so the weights are independent of the current minibatch and
+    the combined stochastic gradient is unbiased. "advibp-biased" keeps using the current batch; "sum"
+    uses k = (1, 1). scope="full" (the default) computes the weights from the full parameter vector;
+    scope="first" from the first trainable tensor's gradient alone, as the authors' code does, and
+    applies them to the full gradients. With a process group, both gradients (and the losses and FOSC) are averaged across it
+    first, so every rank applies the same weights: DistributedDataParallel semantics.
+    """
+
+    def __init__(self, params, mode="advibp", beta_grad=0.9, beta_norm=0.99, group=None, scope="full"):
+        if mode not in MODES:
+            raise ValueError(f"unknown weighting mode {mode!r}; choose one of {', '.join(MODES)}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown gradient scope {scope!r}; choose one of {', '.join(SCOPES)}")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("TwoGradient got no parameters that require gradients")
+        # how many leading entries of the flat gradient the weights see: all, or the first tensor's
+        self.scope, self.scope_n = scope, (self.params[0].numel() if scope == "first" else None)
+        self.mode, self.beta_grad, self.beta_norm, self.group = mode, beta_grad, beta_norm, group
+        self.was_final, self.pending = False, None
+        self.count = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # pairs averaged
+        self.m_a = self.m_b = self.n_a = self.n_b = None  # None: no past yet
+
+    def _grads(self, loss_adv, loss_ver, fosc, grad_adv=None):
+        g_a = tuple(grad_adv) if grad_adv is not None else torch.autograd.grad(
+            loss_adv, self.params, retain_graph=True, allow_unused=True)
+        g_b = torch.autograd.grad(loss_ver, self.params, allow_unused=True)
+        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a + g_b, self.params * 2)]
+        dev, dt = flat[0].device, flat[0].dtype
+        scalars = torch.stack([loss_ver.detach().to(dt), torch.as_tensor(fosc, dtype=dt, device=dev)])
+        vec = torch.cat([g.reshape(-1) for g in flat] + [scalars])
+        if self.group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(vec, group=self.group)
+            vec /= dist.get_world_size(self.group)
+        n = (len(vec) - 2) // 2
+        return vec[:n], vec[n:2 * n], vec[-2], vec[-1]
+
+    # The weights stay on the gradients' device: the scalars are float64 0-dim tensors (the same IEEE
+    # arithmetic as Python floats), and both branches of every choice are computed and picked with
+    # torch.where, so a training step never waits for the GPU to answer a question. The state (count,
+    # averages, the pending pair) is updated in place, so a CUDA graph of the step can replay it.
+
+    def _update(self, g_a, g_b):
+        """Fold one pair of gradients into the moving averages (Adam-style bias correction on read)."""
+        bg, bn = self.beta_grad, self.beta_norm
+        if self.m_a is None:
+            self.m_a, self.m_b = torch.zeros_like(g_a), torch.zeros_like(g_b)
+            self.n_a, self.n_b = g_a.new_zeros((), dtype=torch.float64), g_a.new_zeros((), dtype=torch.float64)
+            self.count.zero_()
+        self.count += 1
+        self.m_a.copy_(bg * self.m_a + (1 - bg) * g_a)
+        self.m_b.copy_(bg * self.m_b + (1 - bg) * g_b)
+        self.n_a.copy_(bn * self.n_a + (1 - bn) * g_a.norm().double())
+        self.n_b.copy_(bn * self.n_b + (1 - bn) * g_b.norm().double())
+
+    def _averages(self):
+        cg, cn = 1 - self.beta_grad ** self.count, 1 - self.beta_norm ** self.count
+        return self.m_a / cg, self.m_b / cg, self.n_a / cn, self.n_b / cn
+
+    def weights(self, m_a, m_b, n_a, n_b, fosc, c_t, final):
+        """(k_adv, k_ver, k_reg, conflict), 0-dim tensors, from (averaged) gradients m and norms n."""
+        where, f64 = torch.where, dict(dtype=torch.float64, device=m_a.device)
+        one, zero = torch.ones((), **f64), torch.zeros((), **f64)
+        d = torch.dot(m_a, m_b).double()
+        conflict = d <= 0
+        if self.mode == "sum":
+            return one, one, zero, conflict
+        if self.mode == "mgda":  # closed-form min-norm point of the segment [m_b, m_a]
+            diff = (m_a - m_b).pow(2).sum().double()
+            alpha = where(diff == 0, 0.5, (torch.dot(m_b - m_a, m_b).double() / diff).clamp(0, 1))
+            return alpha, 1 - alpha, zero, conflict
+        # no conflict: follow the bisector of the two normalised gradients
+        b = m_a / n_a + m_b / n_b
+        gamma = (n_a + n_b + d / n_a + d / n_b) / (2 * b.pow(2).sum().double())
+        k_adv, k_ver = (gamma, gamma * n_a / n_b) if final else (gamma / n_a, gamma / n_b)  # final: the authors' scaling
+        # conflict: project the gradient without priority off the prioritised one
+        project_ver = where(n_b > 0, -d / n_b ** 2, zero)
+        project_adv = where(n_a > 0, -d / n_a ** 2, zero)
+        adv_first = torch.as_tensor(fosc, **f64) <= c_t  # attack converged: the adversarial gradient has priority
+        k_adv = where(conflict, where(adv_first, one, project_adv), k_adv)
+        k_ver = where(conflict, where(adv_first, project_ver, one), k_ver)
+        k_reg = where(conflict, 0.5 if final else 0.0, zero)
+        return k_adv, k_ver, k_reg, conflict
+
+    def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False, grad_adv=None):
+        """Compute both gradients, weight them, write k_adv g_adv + (k_ver + 2 k_reg L_ver) g_ver into
+        p.grad (the caller then calls optimizer.step()). Returns the weights (0-dim tensors on the
+        gradients' device, read them when you need them), the conflict flag and both gradient norms.
+        grad_adv: L_adv's gradients for the parameters, if you have them (adv_loss_and_fosc(params=))."""
+        g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc, grad_adv)
+        if final and not self.was_final:  # restart the averages at the first step with the final eps
+            self.m_a, self.pending = None, None
+        self.was_final = self.was_final or final
+        w_a, w_b = g_a[:self.scope_n], g_b[:self.scope_n]  # what the weights see (views: no copy)
+        norm_a, norm_b = w_a.norm(), w_b.norm()
+        if not final or self.mode in ("advibp-biased", "sum"):
+            m_a, m_b, n_a, n_b = w_a, w_b, norm_a.double(), norm_b.double()
+        else:
+            if self.m_a is None:  # no past yet: take the current gradients
+                self._update(w_a, w_b)
+            else:  # the averages hold previous steps only; the current pair waits for the next step
+                if self.pending is None:
+                    self.pending = (w_a.clone(), w_b.clone())
+                else:
+                    self._update(*self.pending)
+                    self.pending[0].copy_(w_a)
+                    self.pending[1].copy_(w_b)
+            m_a, m_b, n_a, n_b = self._averages()
+        k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
+        combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
+        offset = 0
+        for p in self.params:  # each gradient in its parameter's memory layout (channels_last too)
+            p.grad = torch.empty_like(p).copy_(combined[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": conflict,
+                "g_adv_norm": norm_a, "g_ver_norm": norm_b}
+
+    def state_dict(self):
+        return {"mode": self.mode, "scope": self.scope, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
+                "m_b": self.m_b, "n_a": self.n_a, "n_b": self.n_b,
+                "pending": list(self.pending) if self.pending is not None else None}
+
+    def load_state_dict(self, state):
+        if state.get("scope", "full") != self.scope:
+            raise ValueError(f"this state was saved with scope {state.get('scope', 'full')!r}, not {self.scope!r}")
+        dev = self.params[0].device
+        move = lambda t: t.to(dev, copy=True) if t is not None else None  # noqa: E731; copies: the state is updated in place
+        self.was_final = state["was_final"]
+        self.count.fill_(state["count"] if state["m_a"] is not None else 0)
+        norm = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64, device=dev).clone()  # noqa: E731
+        self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), norm(state["n_a"]), norm(state["n_b"])
+        self.pending = tuple(map(move, state["pending"])) if state["pending"] is not None else None
+
+
+# ==============================================================================================
+# PART II. VERIFICATION: the tightest bounds, and bounds that hold in exact arithmetic
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. bounds(): full CROWN (every unstable neuron's own backward pass) and alpha-CROWN
+# ----------------------------------------------------------------------------------------------
+
+
+ALPHA_STEPS, ALPHA_LR = 20, 0.1  # alpha-CROWN's defaults: projected Adam steps and their rate
+ALPHA_BUDGET = 2 ** 24  # alpha variables (examples x rows x ReLU neurons) optimised at once
 
 
 def _window(T, y0, x0, h, w):
@@ -583,40 +847,6 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr, ledger=None):
     return best
 
 
-class _ieee:
-    """Inside: float32 is IEEE float32 whatever the caller set: no autocast, no TF32 (cuDNN's default for
-    float32 convolutions on CUDA), no bf16 inner products (set_float32_matmul_precision("medium") on
-    some CPUs). These keep 7 to 10 of float32's 23 mantissa bits, and a bound computed with them is not
-    a bound of the float32 network: under bf16 autocast, at eps 1e-5, about half the margins of a random
-    DM-small fell outside their bounds. Outside: the caller's settings again."""
-
-    def __init__(self, device_type):
-        self.autocast = torch.autocast(device_type, enabled=False)
-
-    def __enter__(self):
-        self.autocast.__enter__()
-        backends = torch.backends
-        try:  # the switches train.py and most code set
-            self.legacy = torch.get_float32_matmul_precision(), backends.cudnn.allow_tf32
-            torch.set_float32_matmul_precision("highest")
-            backends.cudnn.allow_tf32 = False
-            knobs = [getattr(backends.mkldnn, "conv", None)]  # no legacy switch for this one
-        except RuntimeError:  # the caller set torch's per-operator fp32_precision, which the legacy getters refuse
-            self.legacy = None
-            knobs = [backends.cuda.matmul, backends.cudnn.conv, backends.mkldnn.matmul, backends.mkldnn.conv]
-        self.knobs = [(k, k.fp32_precision) for k in knobs if k is not None and hasattr(k, "fp32_precision")]
-        for k, _ in self.knobs:
-            k.fp32_precision = "ieee"
-
-    def __exit__(self, *exc):
-        for k, was in reversed(self.knobs):
-            k.fp32_precision = was
-        if self.legacy is not None:
-            torch.set_float32_matmul_precision(self.legacy[0])
-            torch.backends.cudnn.allow_tf32 = self.legacy[1]
-        self.autocast.__exit__(*exc)
-
-
 def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
     """Sound (lb, ub) of C f(x) over the box [xl, xu]: (N, S) with C (N, S, classes), else (N, classes).
 
@@ -643,46 +873,8 @@ def _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr):
     return _last_pass(layers, xl, xu, C, pre, shapes, lb.shape[1], method, alpha_steps, alpha_lr)
 
 
-def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr, ledger=None):
-    """(lb, ub) of C f (or of the outputs) from the intermediate bounds pre: alpha-CROWN's optimised pass,
-    or CROWN's. ledger: as for _backward."""
-    if C is None:
-        C = _eye_rows(0, outputs, outputs, len(xl), xl)
-    S = C.shape[1]
-    A = torch.cat([C, -C], 1).to(xl.dtype)
-    if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
-        n = ALPHA_BUDGET // max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
-    elif ledger is not None:  # sound_bounds' passes hold a few more tensors of A's size
-        n = SOUND_BUDGET // (A.shape[1] * max(math.prod(s) for s in shapes))
-    else:
-        n = len(A)
-    n, parts = max(1, n), []
-    for j in range(0, len(A), n):
-        part = slice(j, j + n)
-        p = {i: (lo[part], hi[part]) for i, (lo, hi) in pre.items()}
-        led = None if ledger is None else ledger.part(part)
-        if method == "alpha-crown":
-            parts.append(_alpha_crown(layers, A[part], p, shapes, xl[part], xu[part], alpha_steps, alpha_lr, led))
-        else:
-            lb = _concretize(*_backward(layers, A[part], p, shapes, len(layers), ledger=led), xl[part], xu[part], led)
-            parts.append(lb if led is None else led.close(lb))
-    lbs = torch.cat(parts)
-    return lbs[:, :S], -lbs[:, S:]
-
-
-def margin_lower(model, xl, xu, C, beta=0.0, check=True):
-    """beta * (CROWN-IBP lower bound) + (1 - beta) * (IBP lower bound) of C f over the box: the mixture
-    of CROWN-IBP training. One IBP pass serves both; beta = 0 skips the backward pass."""
-    layers = _layers(model)
-    lb, _, pre, shapes = _ibp(layers, xl, xu, C, record=beta != 0, check=check)
-    if beta == 0:
-        return lb
-    lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), pre, shapes, len(layers)), xl, xu)
-    return lb_crown if beta == 1 else beta * lb_crown + (1 - beta) * lb
-
-
 # ----------------------------------------------------------------------------------------------
-# 3b. Bounds that hold in exact arithmetic. A bound computed in floats is a bound of neither the float
+# 10. Bounds that hold in exact arithmetic. A bound computed in floats is a bound of neither the float
 #     nor the real network until its rounding is accounted for. sound_bounds is each method with
 #     every rounding bounded and added outward: an inner product of n terms computed in floats, in any
 #     order, with or without FMA, errs by at most gamma_n = n u / (1 - n u) times the inner product of
@@ -940,282 +1132,138 @@ class _Ledger:
         return _down(lb - _up(self.charge + _gamma(self.k, lb.dtype) * self.size + 2 * (self.k + 1) * tiny))
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. The verified loss
-# ----------------------------------------------------------------------------------------------
-
-
-def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0, check=True):
-    """(loss, verified): batch-mean CE(-m_lb, y), where m_lb is a lower bound of the margins
-    z_y - z_j over the eps-box (beta * CROWN-IBP + (1 - beta) * IBP) and m_lb_y = 0;
-    verified (N,) is True where every m_lb_j > 0. check=False skips the two checks that make the
-    host wait for the GPU (labels in range, box non-empty): for a training loop whose labels were
-    checked once and whose x lies in [lo, hi]."""
-    xl, xu = input_box(x, eps, lo, hi)
-    last = _layers(model)[-1]
-    if not isinstance(last, nn.Linear):
-        raise TypeError("verified_loss needs a model whose last layer is nn.Linear (the logits)")
-    classes = last.out_features
-    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes, check).to(x.dtype), beta, check)
-    logits = torch.zeros(len(y), classes, dtype=m_lb.dtype, device=m_lb.device)
-    logits = logits.scatter(1, _others(y, classes), -m_lb)
-    return F.cross_entropy(logits, y), (m_lb > 0).all(1)
+# ==============================================================================================
+# PART III. KERNELS: fused and hand-written steps, and the arithmetic guard
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Attacks. They move only inside the box, use autograd.grad on the input alone (so no parameter
-#    .grad is touched), and leave the model's train/eval mode and requires_grad flags as found.
+# 11. IBP's ReLU and CROWN's ReLU step as single autograd functions, compiled when large
 # ----------------------------------------------------------------------------------------------
 
 
-def _input_grad(model, x, y):
-    """Per-example losses at x and the gradient of each example's own loss with respect to x."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, reduction="none")
-        grad, = torch.autograd.grad(loss.sum(), x)
-    return loss.detach(), logits.detach(), grad
+COMPILE_MIN = int(os.environ.get("CERTMIN_COMPILE_MIN", 2 ** 22))  # elements; <= 0: never
+_compiled = {}
 
 
-def fgsm_rs(model, x, y, eps, lo=0.0, hi=1.0):
-    """FGSM with a random start (Wong et al. 2020): uniform start in the eps-ball, one signed-gradient
-    step of 1.25 eps, projected back into the ball and the valid range. eps may be a 0-dim tensor."""
-    xl, xu = input_box(x, eps, lo, hi)
-    start = (2 * torch.rand_like(x) - 1) * eps  # = uniform_(-eps, eps), bit for bit on the CPU; takes a tensor eps
-    x0 = torch.min(torch.max(x + start, xl), xu)
-    _, _, g = _input_grad(model, x0, y)
-    return torch.min(torch.max(x0 + 1.25 * eps * g.sign(), xl), xu).detach()
+def _fused(fn, *args):
+    """Run fn compiled when its first tensor is large. torch.compile fuses an elementwise chain into
+    one loop: ~6x faster than eager on CROWN's A at DM-large's size, where eager's many passes over
+    150 MB tensors dominate a CROWN-IBP step. Small tensors, or a platform where compiling fails, run
+    fn as it is. The chains are plain IEEE arithmetic, so both give the same numbers."""
+    args = [t.detach() for t in args]  # inside autograd.Function already; detached, dynamo traces quietly
+    if COMPILE_MIN <= 0 or args[0].numel() < COMPILE_MIN or _compiled.get(fn) is False:
+        return fn(*args)
+    try:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn](*args)
+    except Exception as err:  # no compiler, unsupported platform, ...: fall back for good
+        warnings.warn(f"certmin: torch.compile failed ({type(err).__name__}: {err}); using eager kernels")
+        _compiled[fn] = False
+        return fn(*args)
 
 
-def pgd(model, x, y, eps, steps=200, step_size=None, restarts=1, lo=0.0, hi=1.0):
-    """PGD-k with random starts: signed-gradient ascent on the cross-entropy, projected every step.
-    Returns, per example, the strongest point seen: a misclassified one if any, else the highest loss.
-    The bookkeeping is torch.where, not masked assignment, so the device never waits for the host."""
-    xl, xu = input_box(x, eps, lo, hi)
-    alpha = eps / 40 if step_size is None else step_size
-    best, best_loss = x.detach().clone(), torch.full_like(y, -math.inf, dtype=x.dtype)
-    best_wrong = torch.zeros_like(y, dtype=torch.bool)
-    for _ in range(restarts):
-        xa = xl + (xu - xl) * torch.rand_like(x)
-        for k in range(steps + 1):
-            loss, logits, g = _input_grad(model, xa, y)
-            wrong = logits.argmax(1) != y
-            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
-            best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), xa, best)
-            best_loss = torch.where(better, loss.to(best_loss.dtype), best_loss)
-            best_wrong = best_wrong | wrong  # a better point is wrong, or both are right
-            if k < steps:
-                xa = torch.min(torch.max(xa + alpha * g.sign(), xl), xu)
-    return best
+def _ibp_relu_forward(c, r):
+    l, u = (c - r).clamp(min=0), (c + r).clamp(min=0)
+    return (u + l) / 2, (u - l) / 2
 
 
-def _fosc(grad, x_adv, x, eps, lo, hi):
-    """max over x' in the clipped box of <x' - x_adv, grad>, per example: each coordinate takes the
-    box end that the gradient points to."""
-    xl, xu = input_box(x, eps, lo, hi)
-    return torch.max(grad * (xu - x_adv), grad * (xl - x_adv)).flatten(1).sum(1)
+def _ibp_relu_backward(c, r, g_c, g_r):
+    # autograd's own arithmetic for the forward above, term by term (so the same bits): clamp passes
+    # the gradient where its input is >= 0, the halves and the sums come back through / 2, + and -
+    half_c, half_r = g_c / 2, g_r / 2
+    g_u = torch.where(c + r >= 0, half_c + half_r, 0)
+    g_l = torch.where(c - r >= 0, half_c - half_r, 0)
+    return g_u + g_l, g_u - g_l
 
 
-def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
-    """First-order stationarity of the attack (Wang et al. 2019), per example, >= 0; 0 at a
-    first-order maximum of the example's own loss inside the box."""
-    return _fosc(_input_grad(model, x_adv, y)[2], x_adv, x, eps, lo, hi)
+class _IbpRelu(torch.autograd.Function):
+    """IBP through a ReLU in centre/radius form: (c, r) -> the centre and radius of [relu(c - r),
+    relu(c + r)]. Eager autograd runs this as 8 passes forward and 12 backward over activation-sized
+    tensors (most of an IBP step's memory traffic on a GPU); written out, each direction is one fused
+    loop on large tensors (_fused), with the same numbers."""
+
+    @staticmethod
+    def forward(ctx, c, r):
+        ctx.save_for_backward(c, r)
+        return _fused(_ibp_relu_forward, c, r)
+
+    @staticmethod
+    def backward(ctx, g_c, g_r):
+        return _fused(_ibp_relu_backward, *ctx.saved_tensors, g_c, g_r)
 
 
-def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
-    """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
-    gradient, FOSC (a 0-dim tensor) costs one extra input-only backward instead of a second forward;
-    wrong (N,) marks the examples that x_adv misclassifies.
-
-    With params: (L_adv detached, FOSC, wrong, L_adv's gradients for params) from one backward pass
-    for both gradients (the input's, for FOSC, and the parameters', for TwoGradient.step(grad_adv=)):
-    a backward pass through the network fewer. FOSC then comes from the mean loss's input gradient
-    times N, equal to the per-example gradients up to rounding."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
-    loss = F.cross_entropy(logits, y, reduction="none")
-    wrong = logits.detach().argmax(1) != y
-    if params is None:
-        grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
-        return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
-    mean = loss.mean()
-    *grads, grad = torch.autograd.grad(mean, [*params, x_adv], allow_unused=True)
-    fosc = _fosc(grad.float() * len(y), x_adv.detach(), x, eps, lo, hi).mean()
-    return mean.detach(), fosc, wrong, grads
+def _relu_step_forward(A, d_l, d_u, b_u):
+    neg = A < 0
+    out = A * torch.where(neg, d_u.unsqueeze(1), d_l.unsqueeze(1))
+    bias = (torch.where(neg, A, 0) * b_u.unsqueeze(1)).flatten(2).sum(-1)
+    return out, bias
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Schedules, per iteration
-# ----------------------------------------------------------------------------------------------
+def _relu_step_backward(out, d_l, d_u, b_u, g_out, g_bias):
+    # From the output alone: where the two slopes differ (unstable neurons) d_u > 0 and d_l >= 0, so
+    # out < 0 exactly where A < 0, and there A = out / d_u. Elsewhere b_u = 0 and the gradients of d_u
+    # and b_u are discarded by _relax (constants), so what A_neg holds there does not matter.
+    neg = out < 0
+    g_bias = g_bias.view(*g_bias.shape, *([1] * (out.dim() - 2)))
+    g_A = g_out * torch.where(neg, d_u.unsqueeze(1), d_l.unsqueeze(1)) + torch.where(neg, g_bias * b_u.unsqueeze(1), 0)
+    A_neg = torch.where(neg, out / d_u.unsqueeze(1), 0)
+    return g_A, (g_out * A_neg).sum(1), (g_bias * A_neg).sum(1)
 
 
-def linear_ramp(t, start, length, final, init=0.0):
-    """init before start, linear to final over [start, start + length], final after."""
-    if t <= start:
-        return init
-    if t >= start + length:
-        return final
-    return init + (final - init) * (t - start) / length
+class _ReluStep(torch.autograd.Function):
+    """One CROWN step back through a ReLU: A -> A * slope (slope d_l where A >= 0, d_u where A < 0) and
+    bias += sum over A < 0 of A * b_u. The hand-written backward saves only the output, which the next
+    transposed convolution keeps anyway (autograd's own version keeps five tensors of A's size), and
+    lets both directions run fused. d_l is piecewise constant: no gradient."""
 
+    @staticmethod
+    def forward(ctx, A, d_l, d_u, b_u):
+        out, bias = _fused(_relu_step_forward, A, d_l, d_u, b_u)
+        ctx.save_for_backward(out, d_l, d_u, b_u)
+        return out, bias
 
-def smooth_ramp(t, start, length, final, init=0.0):
-    """DeepMind IBP's smoothed ramp: init + a (t - start)^4 up to start + length/4, then linear to final
-    at start + length, with a chosen so that value and slope are continuous."""
-    if t <= start:
-        return init
-    if t >= start + length:
-        return final
-    s, mid = t - start, length / 4
-    a = (final - init) / (13 * mid ** 4)  # value a mid^4 + slope 4 a mid^3 times the 3 mid that remain
-    if s <= mid:
-        return init + a * s ** 4
-    return init + a * mid ** 4 + 4 * a * mid ** 3 * (s - mid)
+    @staticmethod
+    def backward(ctx, g_out, g_bias):
+        g_A, g_d_u, g_b_u = _fused(_relu_step_backward, *ctx.saved_tensors, g_out, g_bias)
+        return g_A, None, g_d_u, g_b_u
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The two-gradient weighting
+# 12. The IEEE-precision guard
 # ----------------------------------------------------------------------------------------------
 
-MODES = ("advibp", "advibp-biased", "mgda", "sum")
-SCOPES = ("full", "first")  # which gradient the weights are computed from (the update always uses all of it)
 
+class _ieee:
+    """Inside: float32 is IEEE float32 whatever the caller set: no autocast, no TF32 (cuDNN's default for
+    float32 convolutions on CUDA), no bf16 inner products (set_float32_matmul_precision("medium") on
+    some CPUs). These keep 7 to 10 of float32's 23 mantissa bits, and a bound computed with them is not
+    a bound of the float32 network: under bf16 autocast, at eps 1e-5, about half the margins of a random
+    DM-small fell outside their bounds. Outside: the caller's settings again."""
 
-class TwoGradient:
-    """Weights the gradients of L_adv and L_ver each step and writes the combination into p.grad.
+    def __init__(self, device_type):
+        self.autocast = torch.autocast(device_type, enabled=False)
 
-    During the eps ramp (final=False) the weights come from the current minibatch. Once the verified
-    eps is final (final=True), "advibp" and "mgda" compute them from bias-corrected moving averages of
-    the *previous* steps' gradients only, so the weights are independent of the current minibatch and
-    the combined stochastic gradient is unbiased. "advibp-biased" keeps using the current batch; "sum"
-    uses k = (1, 1). scope="full" (the default) computes the weights from the full parameter vector;
-    scope="first" from the first trainable tensor's gradient alone, as the authors' code does, and
-    applies them to the full gradients. With a process group, both gradients (and the losses and FOSC) are averaged across it
-    first, so every rank applies the same weights: DistributedDataParallel semantics.
-    """
+    def __enter__(self):
+        self.autocast.__enter__()
+        backends = torch.backends
+        try:  # the switches train.py and most code set
+            self.legacy = torch.get_float32_matmul_precision(), backends.cudnn.allow_tf32
+            torch.set_float32_matmul_precision("highest")
+            backends.cudnn.allow_tf32 = False
+            knobs = [getattr(backends.mkldnn, "conv", None)]  # no legacy switch for this one
+        except RuntimeError:  # the caller set torch's per-operator fp32_precision, which the legacy getters refuse
+            self.legacy = None
+            knobs = [backends.cuda.matmul, backends.cudnn.conv, backends.mkldnn.matmul, backends.mkldnn.conv]
+        self.knobs = [(k, k.fp32_precision) for k in knobs if k is not None and hasattr(k, "fp32_precision")]
+        for k, _ in self.knobs:
+            k.fp32_precision = "ieee"
 
-    def __init__(self, params, mode="advibp", beta_grad=0.9, beta_norm=0.99, group=None, scope="full"):
-        if mode not in MODES:
-            raise ValueError(f"unknown weighting mode {mode!r}; choose one of {', '.join(MODES)}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown gradient scope {scope!r}; choose one of {', '.join(SCOPES)}")
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("TwoGradient got no parameters that require gradients")
-        # how many leading entries of the flat gradient the weights see: all, or the first tensor's
-        self.scope, self.scope_n = scope, (self.params[0].numel() if scope == "first" else None)
-        self.mode, self.beta_grad, self.beta_norm, self.group = mode, beta_grad, beta_norm, group
-        self.was_final, self.pending = False, None
-        self.count = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # pairs averaged
-        self.m_a = self.m_b = self.n_a = self.n_b = None  # None: no past yet
-
-    def _grads(self, loss_adv, loss_ver, fosc, grad_adv=None):
-        g_a = tuple(grad_adv) if grad_adv is not None else torch.autograd.grad(
-            loss_adv, self.params, retain_graph=True, allow_unused=True)
-        g_b = torch.autograd.grad(loss_ver, self.params, allow_unused=True)
-        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(g_a + g_b, self.params * 2)]
-        dev, dt = flat[0].device, flat[0].dtype
-        scalars = torch.stack([loss_ver.detach().to(dt), torch.as_tensor(fosc, dtype=dt, device=dev)])
-        vec = torch.cat([g.reshape(-1) for g in flat] + [scalars])
-        if self.group is not None:
-            import torch.distributed as dist
-            dist.all_reduce(vec, group=self.group)
-            vec /= dist.get_world_size(self.group)
-        n = (len(vec) - 2) // 2
-        return vec[:n], vec[n:2 * n], vec[-2], vec[-1]
-
-    # The weights stay on the gradients' device: the scalars are float64 0-dim tensors (the same IEEE
-    # arithmetic as Python floats), and both branches of every choice are computed and picked with
-    # torch.where, so a training step never waits for the GPU to answer a question. The state (count,
-    # averages, the pending pair) is updated in place, so a CUDA graph of the step can replay it.
-
-    def _update(self, g_a, g_b):
-        """Fold one pair of gradients into the moving averages (Adam-style bias correction on read)."""
-        bg, bn = self.beta_grad, self.beta_norm
-        if self.m_a is None:
-            self.m_a, self.m_b = torch.zeros_like(g_a), torch.zeros_like(g_b)
-            self.n_a, self.n_b = g_a.new_zeros((), dtype=torch.float64), g_a.new_zeros((), dtype=torch.float64)
-            self.count.zero_()
-        self.count += 1
-        self.m_a.copy_(bg * self.m_a + (1 - bg) * g_a)
-        self.m_b.copy_(bg * self.m_b + (1 - bg) * g_b)
-        self.n_a.copy_(bn * self.n_a + (1 - bn) * g_a.norm().double())
-        self.n_b.copy_(bn * self.n_b + (1 - bn) * g_b.norm().double())
-
-    def _averages(self):
-        cg, cn = 1 - self.beta_grad ** self.count, 1 - self.beta_norm ** self.count
-        return self.m_a / cg, self.m_b / cg, self.n_a / cn, self.n_b / cn
-
-    def weights(self, m_a, m_b, n_a, n_b, fosc, c_t, final):
-        """(k_adv, k_ver, k_reg, conflict), 0-dim tensors, from (averaged) gradients m and norms n."""
-        where, f64 = torch.where, dict(dtype=torch.float64, device=m_a.device)
-        one, zero = torch.ones((), **f64), torch.zeros((), **f64)
-        d = torch.dot(m_a, m_b).double()
-        conflict = d <= 0
-        if self.mode == "sum":
-            return one, one, zero, conflict
-        if self.mode == "mgda":  # closed-form min-norm point of the segment [m_b, m_a]
-            diff = (m_a - m_b).pow(2).sum().double()
-            alpha = where(diff == 0, 0.5, (torch.dot(m_b - m_a, m_b).double() / diff).clamp(0, 1))
-            return alpha, 1 - alpha, zero, conflict
-        # no conflict: follow the bisector of the two normalised gradients
-        b = m_a / n_a + m_b / n_b
-        gamma = (n_a + n_b + d / n_a + d / n_b) / (2 * b.pow(2).sum().double())
-        k_adv, k_ver = (gamma, gamma * n_a / n_b) if final else (gamma / n_a, gamma / n_b)  # final: the authors' scaling
-        # conflict: project the gradient without priority off the prioritised one
-        project_ver = where(n_b > 0, -d / n_b ** 2, zero)
-        project_adv = where(n_a > 0, -d / n_a ** 2, zero)
-        adv_first = torch.as_tensor(fosc, **f64) <= c_t  # attack converged: the adversarial gradient has priority
-        k_adv = where(conflict, where(adv_first, one, project_adv), k_adv)
-        k_ver = where(conflict, where(adv_first, project_ver, one), k_ver)
-        k_reg = where(conflict, 0.5 if final else 0.0, zero)
-        return k_adv, k_ver, k_reg, conflict
-
-    def step(self, loss_adv, loss_ver, fosc=0.0, c_t=0.0, final=False, grad_adv=None):
-        """Compute both gradients, weight them, write k_adv g_adv + (k_ver + 2 k_reg L_ver) g_ver into
-        p.grad (the caller then calls optimizer.step()). Returns the weights (0-dim tensors on the
-        gradients' device, read them when you need them), the conflict flag and both gradient norms.
-        grad_adv: L_adv's gradients for the parameters, if you have them (adv_loss_and_fosc(params=))."""
-        g_a, g_b, l_ver, fosc = self._grads(loss_adv, loss_ver, fosc, grad_adv)
-        if final and not self.was_final:  # restart the averages at the first step with the final eps
-            self.m_a, self.pending = None, None
-        self.was_final = self.was_final or final
-        w_a, w_b = g_a[:self.scope_n], g_b[:self.scope_n]  # what the weights see (views: no copy)
-        norm_a, norm_b = w_a.norm(), w_b.norm()
-        if not final or self.mode in ("advibp-biased", "sum"):
-            m_a, m_b, n_a, n_b = w_a, w_b, norm_a.double(), norm_b.double()
-        else:
-            if self.m_a is None:  # no past yet: take the current gradients
-                self._update(w_a, w_b)
-            else:  # the averages hold previous steps only; the current pair waits for the next step
-                if self.pending is None:
-                    self.pending = (w_a.clone(), w_b.clone())
-                else:
-                    self._update(*self.pending)
-                    self.pending[0].copy_(w_a)
-                    self.pending[1].copy_(w_b)
-            m_a, m_b, n_a, n_b = self._averages()
-        k_adv, k_ver, k_reg, conflict = self.weights(m_a, m_b, n_a, n_b, fosc, c_t, final)
-        combined = k_adv * g_a + (k_ver + 2 * k_reg * l_ver.double()) * g_b
-        offset = 0
-        for p in self.params:  # each gradient in its parameter's memory layout (channels_last too)
-            p.grad = torch.empty_like(p).copy_(combined[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return {"k_adv": k_adv, "k_ver": k_ver, "k_reg": k_reg, "conflict": conflict,
-                "g_adv_norm": norm_a, "g_ver_norm": norm_b}
-
-    def state_dict(self):
-        return {"mode": self.mode, "scope": self.scope, "was_final": self.was_final, "count": int(self.count), "m_a": self.m_a,
-                "m_b": self.m_b, "n_a": self.n_a, "n_b": self.n_b,
-                "pending": list(self.pending) if self.pending is not None else None}
-
-    def load_state_dict(self, state):
-        if state.get("scope", "full") != self.scope:
-            raise ValueError(f"this state was saved with scope {state.get('scope', 'full')!r}, not {self.scope!r}")
-        dev = self.params[0].device
-        move = lambda t: t.to(dev, copy=True) if t is not None else None  # noqa: E731; copies: the state is updated in place
-        self.was_final = state["was_final"]
-        self.count.fill_(state["count"] if state["m_a"] is not None else 0)
-        norm = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64, device=dev).clone()  # noqa: E731
-        self.m_a, self.m_b, self.n_a, self.n_b = move(state["m_a"]), move(state["m_b"]), norm(state["n_a"]), norm(state["n_b"])
-        self.pending = tuple(map(move, state["pending"])) if state["pending"] is not None else None
+    def __exit__(self, *exc):
+        for k, was in reversed(self.knobs):
+            k.fp32_precision = was
+        if self.legacy is not None:
+            torch.set_float32_matmul_precision(self.legacy[0])
+            torch.backends.cudnn.allow_tf32 = self.legacy[1]
+        self.autocast.__exit__(*exc)
