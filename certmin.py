@@ -20,7 +20,7 @@ Part II, verification
  10. exactness     sound_bounds: the same bounds, every rounding charged, for certificates
 Part III, kernels
  11. fused steps   IBP's ReLU and CROWN's ReLU step as autograd functions, torch.compile'd when large
- 12. arithmetic    _ieee: IEEE float32/64 whatever autocast or TF32 the caller set
+ 12. arithmetic    ieee: IEEE float32/64 whatever autocast or TF32 the caller set
 
 This file imports only the standard library and torch: copy it into your project as it is.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 __all__ = ["Normalize", "dm_small", "dm_medium", "dm_large", "input_box", "margin_spec", "bounds",
            "sound_bounds", "verified_loss", "fgsm_rs", "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp",
-           "linear_ramp", "TwoGradient"]
+           "linear_ramp", "TwoGradient", "ieee"]
 
 
 # ==============================================================================================
@@ -209,9 +209,9 @@ def _ibp_layer(m, c, r):
     return c.flatten(1), r.flatten(1)  # Flatten
 
 
-def _centre_radius(xl, xu, ledger=None):
-    """The box's centre and radius; with a ledger (sound_bounds), ones whose exact box contains it."""
-    return _enclose(xl, xu) if ledger is not None else ((xu + xl) / 2, (xu - xl) / 2)
+def _centre_radius(xl, xu):
+    """The box's centre and radius."""
+    return (xu + xl) / 2, (xu - xl) / 2
 
 
 def _ibp(layers, xl, xu, C=None, record=False, check=True):
@@ -265,15 +265,15 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
     """CROWN backward pass: a linear lower bound of A . layers[:upto](x) + bias as A_in . x + bias'.
     A is (N, S, *output shape of layers[upto-1]); returns A_in (N, S, *input shape) and bias' (N, S).
     relu_step(i, A) -> (A, bias), if given, replaces the adaptive relaxation of ReLU i (alpha-CROWN).
-    ledger (sound_bounds): charges every step's rounding and supplies ReLU relaxations valid exactly."""
+    ledger: _FLOATS (floats as they are), or sound_bounds' _Ledger, which charges every step's rounding and
+    supplies ReLU relaxations valid exactly."""
+    ledger = ledger or _FLOATS
     N, S = A.shape[:2]
     bias = A.new_zeros(N, S) if bias is None else bias
-    if ledger is not None:
-        ledger.begin(bias)
+    ledger.begin(bias)
     for i in range(upto - 1, -1, -1):
         m = layers[i]
-        if ledger is not None:
-            ledger.step(i, A)
+        ledger.step(i, A)
         if isinstance(m, nn.Linear):
             if m.bias is not None:
                 bias = bias + A @ m.bias
@@ -293,7 +293,7 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
             if relu_step is not None:
                 A, b = relu_step(i, A)
             else:
-                A, b = _ReluStep.apply(A, *(ledger.relax(i) if ledger is not None else _relax(*pre[i])))
+                A, b = _ReluStep.apply(A, *ledger.relax(i, pre))
             bias = bias + b
         elif isinstance(m, Normalize):
             bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
@@ -304,11 +304,11 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
 
 
 def _concretize(A, bias, xl, xu, ledger=None):
-    """min over the box of A x + bias, by the centre/radius form (a ledger charges its rounding; its
+    """min over the box of A x + bias, by the centre/radius form (a _Ledger charges its rounding; its
     caller then subtracts all charges with ledger.close)."""
-    c, r = _centre_radius(xl, xu, ledger)
-    if ledger is not None:
-        ledger.input(A, c.abs() + r)
+    ledger = ledger or _FLOATS
+    c, r = ledger.centre_radius(xl, xu)
+    ledger.input(A, c.abs() + r)
     c, r, A = c.flatten(1).unsqueeze(-1), r.flatten(1).unsqueeze(-1), A.flatten(2)
     return (A @ c).squeeze(-1) - (A.abs() @ r).squeeze(-1) + bias
 
@@ -330,7 +330,7 @@ def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alp
     A = torch.cat([C, -C], 1).to(xl.dtype)
     if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
         n = ALPHA_BUDGET // max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
-    elif ledger is not None:  # sound_bounds' passes hold a few more tensors of A's size
+    elif ledger is not None and ledger.sound:  # sound_bounds' passes hold a few more tensors of A's size
         n = SOUND_BUDGET // (A.shape[1] * max(math.prod(s) for s in shapes))
     else:
         n = len(A)
@@ -338,7 +338,7 @@ def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alp
     for j in range(0, len(A), n):
         part = slice(j, j + n)
         p = {i: (lo[part], hi[part]) for i, (lo, hi) in pre.items()}
-        led = None if ledger is None else ledger.part(part)
+        led = (ledger or _FLOATS).part(part)
         if method == "alpha-crown":
             parts.append(_alpha_crown(layers, A[part], p, shapes, xl[part], xu[part], alpha_steps, alpha_lr, led))
         else:
@@ -673,6 +673,7 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
     receptive field alone, so each row is kept as a patch over that field and its offset (the layout
     auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's. ledger:
     as for _backward (the bounds come back with every rounding charged)."""
+    ledger = ledger or _FLOATS
     conv = layers[i - 1]
     cout, H, W = shapes[i]
     o, oh, ow = idx // (H * W), (idx // W) % H, idx % W
@@ -687,15 +688,13 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
     bias = conv.bias[o] if conv.bias is not None else A.new_zeros(N, k)
     A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)       # lower rows, then upper rows
     y0, x0 = (oh * sh - ph).repeat(1, 2), (ow * sw - pw).repeat(1, 2)   # each patch's top-left corner
-    if ledger is not None:
-        ledger.begin(bias)
+    ledger.begin(bias)
     for j in range(i - 2, -1, -1):
         m = layers[j]
         h, w = A.shape[-2:]
-        if ledger is not None:
-            ledger.step(j, A, lambda v: _window(v, y0, x0, h, w))  # (called within step)
+        ledger.step(j, A, lambda v: _window(v, y0, x0, h, w))  # (called within step)
         if isinstance(m, nn.ReLU):  # (entries over the padding of the layer above get slopes 0: no neurons)
-            relax = ledger.relax(j) if ledger is not None else _relax(*pre[j])
+            relax = ledger.relax(j, pre)
             d_l, d_u, b_u = _window(torch.cat(relax, 1), y0, x0, h, w).chunk(3, 2)
             neg = A.clamp(max=0)
             bias = bias + (neg * b_u).flatten(2).sum(-1)
@@ -714,11 +713,10 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
             A = A.view(N, 2 * k, *A.shape[1:])
             y0, x0 = y0 * m.stride[0] - m.padding[0], x0 * m.stride[1] - m.padding[1]
     h, w = A.shape[-2:]
-    c, r = (_window(t, y0, x0, h, w) for t in _centre_radius(xl, xu, ledger))  # zero outside the image
+    c, r = (_window(t, y0, x0, h, w) for t in ledger.centre_radius(xl, xu))  # zero outside the image
     lb = (A * c).flatten(2).sum(-1) - (A.abs() * r).flatten(2).sum(-1) + bias
-    if ledger is not None:
-        ledger.input(A, c.abs() + r)
-        lb = ledger.close(lb)
+    ledger.input(A, c.abs() + r)
+    lb = ledger.close(lb)
     return lb[:, :k], -lb[:, k:]
 
 
@@ -739,34 +737,29 @@ def _patch_elements(layers, i, shapes):
     return size
 
 
-def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, textbook=False, ledger=None):
+def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=None, ledger=None):
     """Full CROWN: replace the IBP bounds in pre by tighter ones, layer by layer. At each ReLU the
     bounds are first IBP from the (already tightened) ReLU before; then the neurons that these leave
     unstable (l < 0 < u) get a CROWN backward pass each, and keep the tighter of their IBP and CROWN
     bounds. Both savings are sound: a stable neuron's relaxation is exact whatever its bounds, and
-    the intersection of two boxes that contain the set contains it. textbook=True is plain CROWN
-    (every neuron, CROWN bounds alone), kept as a reference. Rows go in chunks so that A stays under
-    `budget` elements; progress(neurons done, neurons in all) is called after each chunk. ledger
-    (sound_bounds): the IBP bounds are its sound ones, and every CROWN pass has its rounding charged."""
+    the intersection of two boxes that contain the set contains it. Rows go in chunks so that A stays
+    under `budget` elements; progress(neurons done, neurons in all) is called after each chunk. ledger:
+    a _Floats (the default) keeps the float IBP chain; sound_bounds' _Ledger has sound IBP boxes, and
+    every CROWN pass has its rounding charged."""
+    ledger = ledger or _Floats(layers, xl, xu)
     N = xl.shape[0]
     biggest = max(math.prod(s) for s in shapes)
     # a prefix with one Linear/Conv is affine in x with a single matrix: IBP is already exact there
     todo = [i for i in sorted(pre) if _affine_count(layers[:i]) > 1]
     total, done = sum(math.prod(shapes[i]) for i in todo), 0
-    (c, r), start = _centre_radius(xl, xu), 0
     for i in sorted(pre):
-        if ledger is not None:
-            pre[i] = ledger.box(i)
-        elif not textbook:  # IBP from the tightened box of the ReLU before
-            for m in layers[start:i]:
-                c, r = _ibp_layer(m, c, r)
-            pre[i] = (c - r, c + r)
+        pre[i] = ledger.box(i)  # IBP from the tightened box of the ReLU before
         if i in todo:
             shape, n, affine = shapes[i], math.prod(shapes[i]), layers[i - 1]
             patch = _patch_elements(layers, i, shapes)
             chunk = max(1, budget // (2 * N * (patch or biggest)))
             l, u = (t.reshape(N, n) for t in pre[i])
-            rows = torch.ones_like(l, dtype=torch.bool) if textbook else (l < 0) & (u > 0)
+            rows = (l < 0) & (u > 0)
             count = rows.sum(1)
             S = int(count.max()) if n else 0
             order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)[:, :S]  # each example's rows first
@@ -787,10 +780,9 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
                         A, b, upto = torch.cat([E, -E], 1).reshape(N, -1, *shape), None, i
                     lb = _concretize(*_backward(layers, A.to(xl.dtype), pre, shapes, upto, bias=b, ledger=ledger),
                                      xl, xu, ledger)
-                    lb = lb if ledger is None else ledger.close(lb)
+                    lb = ledger.close(lb)
                     low, up = lb[:, :k], -lb[:, k:]
-                if not textbook:
-                    low, up = torch.max(low, l.gather(1, idx)), torch.min(up, u.gather(1, idx))
+                low, up = torch.max(low, l.gather(1, idx)), torch.min(up, u.gather(1, idx))
                 new_l = new_l.scatter(1, idx, torch.where(valid, low, new_l.gather(1, idx)))
                 new_u = new_u.scatter(1, idx, torch.where(valid, up, new_u.gather(1, idx)))
                 if progress is not None:
@@ -799,10 +791,7 @@ def _crown_intermediate(layers, xl, xu, pre, shapes, budget=2 ** 26, progress=No
             done += n
             if progress is not None and S == 0:
                 progress(done, total)
-        if ledger is not None:  # the next boxes: sound IBP from this one
-            ledger.tighten(i, *pre[i])
-        elif not textbook:  # the next boxes: IBP from this one
-            (c, r), start = _centre_radius(*(t.clamp(min=0) for t in pre[i])), i + 1
+        ledger.tighten(i, *pre[i])  # the next boxes: IBP from this one
     return pre
 
 
@@ -811,7 +800,8 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr, ledger=None):
     becomes a variable alpha in [0, 1], started at the adaptive slope and moved by Adam (projected) to
     raise the bound. Any alpha in [0, 1] gives a sound bound, so the best per row is kept. ledger: as
     for _backward (each step's bound has its rounding charged before it can be the best)."""
-    relax = {i: ledger.relax(i) if ledger is not None else _relax(*(t.detach() for t in pre[i])) for i in pre}
+    ledger = ledger or _FLOATS
+    relax = {i: ledger.relax(i, {i: tuple(t.detach() for t in pre[i])}) for i in pre}
     unstable = {i: (pre[i][0] < 0) & (pre[i][1] > 0) for i in pre}
     S2 = A.shape[1]
     alpha = {i: relax[i][0].unsqueeze(1).expand(-1, S2, *relax[i][0].shape[1:]).clone().requires_grad_(True)
@@ -825,7 +815,7 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr, ledger=None):
 
     def bound():
         lb = _concretize(*_backward(layers, A, pre, shapes, len(layers), step, ledger=ledger), xl, xu, ledger)
-        return lb, lb.detach() if ledger is None else ledger.close(lb.detach())
+        return lb, ledger.close(lb.detach())
 
     A = A.detach()
     with torch.enable_grad():
@@ -860,7 +850,7 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
     layers = _layers(model)
     _check_spec(layers, xl, C)
-    with _ieee(xl.device.type):
+    with ieee(xl.device.type):
         return _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr)
 
 
@@ -974,7 +964,7 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
     was = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
     torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
     try:
-        with _ieee(xl.device.type), torch.no_grad():
+        with ieee(xl.device.type), torch.no_grad():
             if method == "ibp":
                 for i, m in enumerate(layers):
                     if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1:
@@ -1038,6 +1028,51 @@ def _sound_relax(l, u):
     return d_l, s, torch.where((l < 0) & (u > 0), t, 0)
 
 
+class _Floats:
+    """The ledger of plain float arithmetic: it charges nothing, takes the ReLU relaxations from the
+    bounds in hand, and keeps full CROWN's float IBP chain (box: IBP from the last tightened ReLU).
+    sound_bounds passes a _Ledger instead, whose every answer holds in exact arithmetic."""
+    sound = False
+
+    def __init__(self, layers=None, xl=None, xu=None):
+        self.layers, self.start = layers, 0
+        self.c, self.r = (None, None) if xl is None else _centre_radius(xl, xu)
+
+    def box(self, i):
+        for m in self.layers[self.start:i]:
+            self.c, self.r = _ibp_layer(m, self.c, self.r)
+        self.start = i
+        return self.c - self.r, self.c + self.r
+
+    def tighten(self, i, l, u):
+        self.c, self.r = _centre_radius(l.clamp(min=0), u.clamp(min=0))
+        self.start = i + 1
+
+    def relax(self, i, pre):
+        return _relax(*pre[i])
+
+    def centre_radius(self, xl, xu):
+        return _centre_radius(xl, xu)
+
+    def part(self, rows):
+        return self
+
+    def begin(self, bias):
+        pass
+
+    def step(self, j, A, window=None):
+        pass
+
+    def input(self, A, v):
+        pass
+
+    def close(self, lb):
+        return lb
+
+
+_FLOATS = _Floats()  # the stateless one, for the passes that keep no IBP chain
+
+
 class _Ledger:
     """The rounding of CROWN's backward passes (_backward, _patch_bounds, _concretize) run in floats,
     charged where it happens, for sound_bounds. A pass keeps a lower bound of row . f(x) as
@@ -1059,8 +1094,14 @@ class _Ledger:
     the rounding of the charges themselves; underflow: _underflow per step. close(lb) subtracts it all,
     rounded outward: a bound of row . f(x) in exact arithmetic for every x in the box."""
 
+    sound = True
+
     def __init__(self, layers, xl, xu):
         self.layers, self.boxes, self.cache = layers, [(xl, xu)], {}
+
+    def centre_radius(self, xl, xu):
+        """A centre and radius whose exact box contains [xl, xu]."""
+        return _enclose(xl, xu)
 
     def box(self, j):
         """The box of layer j's input."""
@@ -1081,7 +1122,8 @@ class _Ledger:
         part.boxes = [(l[rows], u[rows]) for l, u in self.boxes]
         return part
 
-    def relax(self, i):
+    def relax(self, i, pre=None):
+        """ReLU i's relaxation, valid exactly over its sound box (pre, the float bounds, is not used)."""
         if ("relax", i) not in self.cache:
             self.cache["relax", i] = _sound_relax(*self.box(i))
         return self.cache["relax", i]
@@ -1235,8 +1277,8 @@ class _ReluStep(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-class _ieee:
-    """Inside: float32 is IEEE float32 whatever the caller set: no autocast, no TF32 (cuDNN's default for
+class ieee:
+    """with ieee(device_type): float32 is IEEE float32 whatever the caller set: no autocast, no TF32 (cuDNN's default for
     float32 convolutions on CUDA), no bf16 inner products (set_float32_matmul_precision("medium") on
     some CPUs). These keep 7 to 10 of float32's 23 mantissa bits, and a bound computed with them is not
     a bound of the float32 network: under bf16 autocast, at eps 1e-5, about half the margins of a random

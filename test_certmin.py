@@ -392,10 +392,18 @@ def reference_bounds(net, xl, xu, C, full, textbook=False):
 
 
 def textbook_crown(net, xl, xu, C):
-    """certmin's plain CROWN (every neuron, CROWN bounds alone), the definition before the savings."""
+    """Plain CROWN, the definition before certmin's savings: every neuron of every ReLU after the first
+    affine layer gets its own backward pass (one-hot rows, dense), and keeps its CROWN bounds alone."""
     layers = certmin._layers(net)
     _, _, pre, shapes = certmin._ibp(layers, xl, xu, C, record=True)
-    pre = certmin._crown_intermediate(layers, xl, xu, pre, shapes, textbook=True)
+    N = len(xl)
+    for i in sorted(pre):
+        if certmin._affine_count(layers[:i]) > 1:  # one affine map before it: IBP is exact
+            n = math.prod(shapes[i])
+            E = torch.eye(n, dtype=xl.dtype).expand(N, n, n)
+            A = torch.cat([E, -E], 1).reshape(N, 2 * n, *shapes[i])
+            lb = certmin._concretize(*certmin._backward(layers, A, pre, shapes, i), xl, xu)
+            pre[i] = (lb[:, :n].view(N, *shapes[i]), -lb[:, n:].view(N, *shapes[i]))
     A = torch.cat([C, -C], 1).to(xl.dtype)
     return certmin._concretize(*certmin._backward(layers, A, pre, shapes, len(layers)), xl, xu)[:, :C.shape[1]]
 

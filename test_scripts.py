@@ -1101,3 +1101,35 @@ def test_latent_stages_freeze_earlier_layers_and_resume_exactly(tmp_path):
     assert not torch.equal(after_stage1["7.weight"], end["model"]["7.weight"])
     with pytest.raises(SystemExit):
         train.parse_args(SMALL + ["--latent-stages", "4"])  # dm-small has 4 affine layers: at most 3 stages
+
+
+def test_a_run_takes_latent_stages_on_resume_until_it_has_begun_them(tmp_path):
+    out = tmp_path / "r"
+    assert in_process(SMALL + ["--out", str(out)]) == 0
+    extend = ["--out", str(out), "--resume", "--latent-stages", "1", "--latent-epochs", "1", "--allow-collapse"]
+    assert in_process(SMALL + extend) == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and log[-1]["phases"] == ["latent"]
+    assert train.load_checkpoint(out / "last.pt")["config"]["latent_stages"] == 1
+    assert in_process(SMALL + ["--out", str(out), "--resume", "--latent-stages", "2"]) == 2  # begun: fixed now
+
+
+def test_prepared_released_pipeline_gpu_calls_dry_run(tmp_path):
+    """results/released_pipeline/gpu_calls.sh with TINY=1 on the CPU: each call trains, verifies and
+    leaves its logs and JSON (at most 8 files); call 3 extends call 1's run by a latent stage until
+    its time is up (interrupted, it saves, and what it saved is verified)."""
+    need_shared()
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TINY": "1", "DATA": str(SHARED / "data"), "RUNS": str(tmp_path / "runs")}
+    for call in ("1", "3"):
+        out = tmp_path / f"out{call}"
+        done = subprocess.run(["bash", str(here / "results" / "released_pipeline" / "gpu_calls.sh"), call],
+                              cwd=here, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert "[train: exit " in done.stdout and "[verify: exit 0 " in done.stdout, done.stdout[-3000:]
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["train.log", "train_log.jsonl", "verify.json", "verify.log"], files
+        report = json.loads((out / "verify.json").read_text())
+        assert report["config"]["pipeline"] == "released" and report["rows"][0]["n"] == 200
+    phases = {p for line in (out / "train_log.jsonl").read_text().splitlines() for p in json.loads(line)["phases"]}
+    assert "latent" in phases and report["config"]["latent_stages"] == 1

@@ -481,19 +481,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 def set_precision(precision):
     """TF32 matmuls and convolutions for the training losses (tf32, bf16), or exact float32 (fp32).
-    Certificates never use this: evaluate() and verify.py run in full float32."""
+    Certificates never use this: evaluate() and verify.py run inside certmin.ieee, IEEE float32."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-
-
-class full_precision:
-    """Inside: TF32 off (IBP bounds for the test figures); outside: as before."""
-
-    def __enter__(self):
-        self.was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        set_precision("fp32")
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.was
 
 
 class Tally:
@@ -790,15 +779,22 @@ def prepare_output(out, args, master):
             (out / name).unlink()
 
 
-def check_resume(args, cfg, saved):
-    """A resumed run keeps its checkpoint's config: an option given on the command line that differs
-    from it is refused, by name (run-time options such as --eval-every or --data may change)."""
+EXTENSIONS = ("latent_stages", "latent_epochs")  # may be added to a run that has not entered its latent stages
+
+
+def check_resume(args, cfg, saved, epoch):
+    """The config a resumed run continues with: its checkpoint's. An option given on the command line that
+    differs from it is refused, by name (run-time options such as --eval-every or --data may change), but
+    for latent stages added to a run at `epoch` that has not begun its own."""
+    extend = epoch <= saved["epochs"] and saved.get("method") in ("advibp", "advcrown-ibp")
     clash = [(k, cfg[k], saved.get(k)) for k in RUN_OPTIONS if k in args.given and k in saved
-             and not (cfg[k] == saved[k] or isinstance(cfg[k], float) and math.isclose(cfg[k], saved[k]))]
+             and not (cfg[k] == saved[k] or isinstance(cfg[k], float) and math.isclose(cfg[k], saved[k]))
+             and not (extend and k in EXTENSIONS)]
     if clash:
         said = ", ".join(f"--{k.replace('_', '-')} {new} (the checkpoint has {old})" for k, new, old in clash)
         raise Refused(f"--resume continues the run as it was started, but the command line asks for {said}; "
-                        "drop those options to resume, or start a new run in another --out")
+                      "drop those options to resume, or start a new run in another --out")
+    return {**saved, **{k: cfg[k] for k in EXTENSIONS if extend and k in args.given}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,8 +877,7 @@ class Run:
         prepare_output(self.out, args, self.master)  # before the data and the model: nothing is lost to a typo
         if args.resume:
             self.ck = load_checkpoint(self.ck_path)
-            check_resume(args, self.cfg, self.ck["config"])
-            self.cfg = self.ck["config"]
+            self.cfg = check_resume(args, self.cfg, self.ck["config"], self.ck["epoch"])
         self.step = self.ck["step"] if self.ck else 0
         self.saved = {"step": self.step, "epoch": self.ck["epoch"] if self.ck else 0}  # what last.pt holds
         self.finished = self.ck is not None and self.ck["epoch"] >= total_epochs(self.cfg)
@@ -995,7 +990,7 @@ def epoch_record(r, s, done):
            "seconds": time.time() - r.t0, "phases": list(r.phases)}
     if done and r.master and (epoch % r.args.eval_every == 0 or r.step == r.total):
         r.model.eval()
-        with full_precision():
+        with certmin.ieee(r.device.type):
             rec["test_clean_err"], rec["test_ibp_verified_err"] = evaluate(r.model, r.x_test, r.y_test, r.cfg["eps"])
             if r.val is not None:
                 rec["val_clean_err"], rec["val_ibp_verified_err"] = evaluate(r.model, *r.val, r.cfg["eps"])

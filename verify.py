@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import certmin
-from train import (PRECISIONS, DataError, build_model, full_precision, load_checkpoint, load_data, parse_eps, set_precision,
+from train import (PRECISIONS, DataError, build_model, load_checkpoint, load_data, parse_eps, set_precision,
                    strict_json)
 
 
@@ -36,9 +36,13 @@ def certified_exactly(model, xl, xu, C, method, progress=None, alpha_steps=None)
 def searching_in(precision, device):
     """The arithmetic PGD searches in (--pgd-precision): fp32, tf32 (TF32 convolutions and matmuls,
     CUDA only; float32 elsewhere) or bf16 (autocast). Afterwards, and for everything else, float32."""
-    with full_precision(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         set_precision(precision)
-        yield
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
 
 
 def certify(model, x, y, eps, methods, pgd_steps, pgd_step_size, restarts, batch_size, dtype, device,
