@@ -398,6 +398,21 @@ def test_save_every_keeps_fewer_checkpoints_and_resume_still_matches(tmp_path):
         assert torch.equal(v, b["model"][k]), k
 
 
+def test_ctrl_c_on_an_epochs_last_step_saves_too(tmp_path, monkeypatch):
+    """An interrupt that lands on the last step of an epoch saves that epoch, whatever --save-every says."""
+    batch = train.Run.batch
+
+    def interrupted_at_the_end_of_epoch_1(self):
+        if self.step == self.spe - 1:
+            self.stop["now"] = True  # what the SIGINT handler does
+        return batch(self)
+    monkeypatch.setattr(train.Run, "batch", interrupted_at_the_end_of_epoch_1)
+    out = tmp_path / "r"
+    assert in_process(SMALL + ["--out", str(out), "--save-every", "5"]) == 130
+    ck = train.load_checkpoint(out / "last.pt")
+    assert (ck["step"], ck["epoch"]) == (6, 1)
+
+
 def test_ctrl_c_saves_mid_epoch_and_resume_finishes(tmp_path):
     need_shared()
     args = [*SMALL, "--train-n", "8192", "--out", str(tmp_path / "i"), "--progress", "0.2"]  # 128 steps/epoch

@@ -1047,7 +1047,7 @@ def end_of_epoch(r, s):
         r.best = rec["val_ibp_verified_err"]
         r.checkpoint(ep, r.out / "best.pt")
     stopping = r.args.stop_after and done and ep >= r.args.stop_after
-    if not done or ep % r.args.save_every == 0 or r.step == r.total or stopping:
+    if not done or ep % r.args.save_every == 0 or r.step == r.total or stopping or r.stop["now"]:  # Ctrl-C saves
         r.checkpoint(ep if done else r.step // r.spe)
     r.phases, r.t0 = {}, time.time()
     r.progress.reset()
