@@ -625,6 +625,12 @@ def build_step(model, opt, tg, cfg, device, dist, graphs=False, start_step=0, ca
     return GraphedStep(body, device, structure, capture=capture), tally
 
 
+def make_two_gradient(model, cfg, dist):
+    """The two-gradient rule over the parameters that train (a latent stage freezes some)."""
+    return certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group,
+                               scope=cfg.get("weight_scope", "full"))
+
+
 def prepare_training(cfg, device, dist, graphs=False):
     """(model, optimizer, TwoGradient) on the device, in the memory format and arithmetic that cfg
     asks for: where train() and bench.py's step benchmark both start."""
@@ -639,8 +645,7 @@ def prepare_training(cfg, device, dist, graphs=False):
         # deterministic algorithms were asked for
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     opt = make_optimizer(model, cfg, device, graphs)
-    tg = certmin.TwoGradient(model.parameters(), mode=cfg["weights"], group=dist.group,
-                             scope=cfg.get("weight_scope", "full"))
+    tg = make_two_gradient(model, cfg, dist)
     return model, opt, tg
 
 
@@ -930,8 +935,7 @@ class Run:
         for i in affine_layers(self.model)[:stage]:
             self.model[i].requires_grad_(False)
         self.opt = make_optimizer(self.model, self.cfg, self.device, self.graphs)
-        self.tg = certmin.TwoGradient(self.model.parameters(), mode=self.cfg["weights"], group=self.dist.group,
-                                      scope=self.cfg.get("weight_scope", "full"))
+        self.tg = make_two_gradient(self.model, self.cfg, self.dist)
         if build:
             self.run_step, self.tally = build_step(self.model, self.opt, self.tg, self.cfg, self.device, self.dist,
                                                    self.graphs, self.step)

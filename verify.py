@@ -199,7 +199,7 @@ def load_model_and_test_set(args):
         model.load_state_dict(ck["model"])
     except RuntimeError as err:
         raise DataError(f"{args.checkpoint}: the weights do not fit a {cfg.get('model')} ({str(err)[:200]})")
-    data = args.data or (cfg["data"] if Path(cfg.get("data") or "/nonexistent").is_dir() else "data")
+    data = args.data or (cfg["data"] if cfg.get("data") and Path(cfg["data"]).is_dir() else "data")
     x, y = load_data(cfg["dataset"], data, download=not args.no_download, test_only=True)
     return cfg, model, x, y
 
