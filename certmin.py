@@ -7,11 +7,12 @@ and weight their two gradients each step with a bias-corrected stochastic multi-
 The file reads as the paper first, top to bottom:
 
 Part I, training (enough to read the method alone)
-  1. models        Normalize and the DeepMind DM-small / medium / large builders
+  1. models        Normalize, the DeepMind DM-small / medium / large builders, CNN-7, IBP initialisation
   2. boxes         input_box, margin_spec
-  3. IBP           the layer walk and interval bounds (Sequential Linear/Conv2d/ReLU/Flatten/Normalize)
+  3. IBP           the layer walk and interval bounds (Sequential Linear/Conv2d/ReLU/Flatten/Normalize/
+                   BatchNorm); BatchNorm's statistics in training: batch_stats, forward, bn_eval; fold_bn
   4. CROWN-IBP     CROWN's backward pass over IBP's ReLU bounds; margin_lower mixes the two
-  5. the loss      verified_loss
+  5. the loss      verified_loss, and warmup_loss (Shi et al.'s warm-up regularisers)
   6. attacks       fgsm_rs, pgd, fosc, adv_loss_and_fosc
   7. schedules     smooth_ramp, linear_ramp
   8. weighting     TwoGradient, the paper's rule (and its ablations)
@@ -39,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalize", "dm_small", "dm_medium", "dm_large", "input_box", "margin_spec", "bounds",
-           "sound_bounds", "verified_loss", "fgsm_rs", "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp",
-           "linear_ramp", "TwoGradient", "ieee"]
+__all__ = ["Normalize", "dm_small", "dm_medium", "dm_large", "cnn7", "ibp_init", "input_box", "margin_spec",
+           "batch_stats", "forward", "bn_eval", "fold_bn", "bounds", "sound_bounds", "verified_loss", "warmup_loss", "fgsm_rs",
+           "pgd", "fosc", "adv_loss_and_fosc", "smooth_ramp", "linear_ramp", "TwoGradient", "ieee"]
 
 
 # ==============================================================================================
@@ -76,19 +77,20 @@ def _conv_out(side, k, s, p, d=1):
     return (side + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _build(spec, in_ch, side, classes, mean, std):
-    """spec: ("conv", out, kernel, stride, pad) and ("fc", out) entries; ReLU after all but the last."""
+def _build(spec, in_ch, side, classes, mean, std, bn=False):
+    """spec: ("conv", out, kernel, stride, pad) and ("fc", out) entries; ReLU after all but the last,
+    with bn a BatchNorm between each of those layers and its ReLU."""
     layers = [Normalize(mean, std)] if mean is not None else []
     ch, flat = in_ch, None
     for kind, out, *conv in spec:
         if kind == "conv":
-            layers += [nn.Conv2d(ch, out, *conv), nn.ReLU()]
+            layers += [nn.Conv2d(ch, out, *conv), *([nn.BatchNorm2d(out)] if bn else []), nn.ReLU()]
             ch, side = out, _conv_out(side, *conv)
         else:
             if flat is None:
                 layers.append(nn.Flatten())
                 flat = ch * side * side
-            layers += [nn.Linear(flat, out), nn.ReLU()]
+            layers += [nn.Linear(flat, out), *([nn.BatchNorm1d(out)] if bn else []), nn.ReLU()]
             flat = out
     if flat is None:
         layers.append(nn.Flatten())
@@ -97,10 +99,10 @@ def _build(spec, in_ch, side, classes, mean, std):
     return nn.Sequential(*layers)
 
 
-def dm_small(in_ch=1, side=28, classes=10, mean=None, std=None):
+def dm_small(in_ch=1, side=28, classes=10, mean=None, std=None, bn=False):
     """DM-small (Gowal et al. 2018): Conv 16 4x4 s2 p1, Conv 32 4x4 s1 p1, FC 100, FC classes."""
     return _build([("conv", 16, 4, 2, 1), ("conv", 32, 4, 1, 1), ("fc", 100)],
-                  in_ch, side, classes, mean, std)
+                  in_ch, side, classes, mean, std, bn)
 
 
 def dm_medium(in_ch=1, side=28, classes=10, mean=None, std=None):
@@ -109,11 +111,31 @@ def dm_medium(in_ch=1, side=28, classes=10, mean=None, std=None):
                    ("conv", 64, 4, 2, 1), ("fc", 512), ("fc", 512)], in_ch, side, classes, mean, std)
 
 
-def dm_large(in_ch=1, side=28, classes=10, mean=None, std=None):
+def dm_large(in_ch=1, side=28, classes=10, mean=None, std=None, bn=False):
     """DM-large: Conv 64 3x3 p1 x2, Conv 128 3x3 s2 p1, Conv 128 3x3 p1 x2, FC 512."""
     return _build([("conv", 64, 3, 1, 1), ("conv", 64, 3, 1, 1), ("conv", 128, 3, 2, 1),
                    ("conv", 128, 3, 1, 1), ("conv", 128, 3, 1, 1), ("fc", 512)],
-                  in_ch, side, classes, mean, std)
+                  in_ch, side, classes, mean, std, bn)
+
+
+def cnn7(in_ch=3, side=32, classes=10, mean=None, std=None):
+    """CNN-7 (Shi et al. 2021): DM-large's layers with BatchNorm after every convolution and after FC 512."""
+    return dm_large(in_ch, side, classes, mean, std, bn=True)
+
+
+def ibp_init(model):
+    """IBP initialisation (Shi et al. 2021): every Linear / Conv2d weight but the last drawn from
+    N(0, sigma^2), sigma = sqrt(2 pi) / fan_in, so that at initialisation an IBP box keeps its size from
+    layer to layer (E|w| fan_in = 1 with fan_in weights of mean |w| = sigma sqrt(2 / pi)) instead of
+    growing with every layer as it does under the usual initialisations: |W| r grows by fan_in E|w| =
+    fan_in sigma sqrt(2 / pi) = 2, and the ReLU after it halves an unstable neuron's interval on average.
+    Biases stay."""
+    affine = [m for m in _layers(model, walk_only=True) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        for m in affine[:-1]:
+            fan_in = m.weight[0].numel()
+            m.weight.normal_(0, math.sqrt(2 * math.pi) / fan_in)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,16 +182,51 @@ def margin_spec(y, classes, check=True):
 # ----------------------------------------------------------------------------------------------
 
 
-_SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize, *_BN)
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
 
-def _layers(model):
-    """Flatten (nested) Sequentials into a list of supported layers; refuse anything else."""
+class _ChannelAffine:
+    """A BatchNorm layer as the per-channel affine map it computes, x * scale + shift (scale and shift 1-D
+    over channels, broadcast over an input of `dims` dimensions). sound_bounds' copies also carry radius,
+    (scale's, shift's): the exact layer's values lie within them of the floats."""
+
+    def __init__(self, scale, shift, dims, radius=None):
+        self.scale, self.shift, self.dims, self.radius = scale, shift, dims, radius
+
+    def view(self, t):
+        return t.view(-1, *[1] * (self.dims - 2))
+
+    def __call__(self, x):
+        return x * self.view(self.scale) + self.view(self.shift)
+
+
+def _bn_affine(m, stats):
+    """BatchNorm m as a _ChannelAffine: with the clean batch's statistics where stats (batch_stats) has
+    them, else, in eval mode, with its running ones."""
+    dims = 4 if isinstance(m, nn.BatchNorm2d) else 2
+    if stats and m in stats:
+        return _ChannelAffine(*stats[m], dims)
+    if m.training or m.running_mean is None:
+        raise ValueError(f"{m} normalises with the statistics of the batch it sees (training mode, or no running "
+                         "statistics): pass stats=certmin.batch_stats(model, x) for the clean batch x, or call "
+                         "model.eval() to bound the network with its running statistics")
+    scale = torch.rsqrt(m.running_var + m.eps)
+    scale = scale * m.weight if m.affine else scale
+    shift = -m.running_mean * scale
+    return _ChannelAffine(scale, shift + m.bias if m.affine else shift, dims)
+
+
+def _layers(model, stats=None, walk_only=False):
+    """Flatten (nested) Sequentials into a list of supported layers; refuse anything else. BatchNorm
+    layers become their per-channel affine maps (_bn_affine), unless walk_only (the modules as they are)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return _layers(model.module)
+        return _layers(model.module, stats, walk_only)
     if isinstance(model, nn.Sequential):
-        return [layer for m in model for layer in _layers(m)]
+        return [layer for m in model for layer in _layers(m, stats, walk_only)]
+    if isinstance(model, _BN) and not walk_only:
+        return [_bn_affine(model, stats)]
     if isinstance(model, nn.Flatten) and (model.start_dim != 1 or model.end_dim != -1):
         raise TypeError("certmin bounds support nn.Flatten() with its defaults (start_dim=1, end_dim=-1) only")
     if isinstance(model, nn.Conv2d) and (model.padding_mode != "zeros" or isinstance(model.padding, str)):
@@ -206,6 +263,8 @@ def _ibp_layer(m, c, r):
                 F.conv2d(r, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups))
     if isinstance(m, Normalize):
         return (c - m.mean) / m.std, r / m.std
+    if isinstance(m, _ChannelAffine):
+        return m(c), r * m.view(m.scale.abs())
     return c.flatten(1), r.flatten(1)  # Flatten
 
 
@@ -224,6 +283,8 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
     pre, shapes, last = {}, [], len(layers) - 1
     for i, m in enumerate(layers):
         shapes.append(c.shape[1:])
+        if isinstance(m, _ChannelAffine) and c.dim() != m.dims:
+            raise TypeError(f"certmin bounds support BatchNorm1d over (N, C) inputs only, got one over {tuple(c.shape)}")
         if isinstance(m, nn.Linear) and C is not None and i == last:  # elision: bound C W x + C b directly
             C = C.to(m.weight.dtype)
             W = C @ m.weight
@@ -241,6 +302,91 @@ def _ibp(layers, xl, xu, C=None, record=False, check=True):
     if C is not None:  # the last layer is not Linear: apply C to the interval
         c, r = (C @ c.unsqueeze(-1)).squeeze(-1), (C.abs() @ r.unsqueeze(-1)).squeeze(-1)
     return c - r, c + r, pre, shapes
+
+
+def batch_stats(model, x):
+    """The clean forward pass of a training step, for networks with BatchNorm: {layer: (scale, shift)},
+    each BatchNorm in training mode as the per-channel affine map that the clean batch x's statistics give
+    it (differentiable, as in training-mode BatchNorm), which the step's bounds (bounds, verified_loss:
+    stats=) and forward(stats=) then share. Updates the running statistics as a training-mode forward
+    pass does; it is the only pass of the step that should (attacks run under bn_eval). {} without
+    work for a network with no BatchNorm in training mode."""
+    layers = _layers(model, walk_only=True)
+    training = [i for i, m in enumerate(layers) if isinstance(m, _BN) and m.training]
+    stats, h = {}, x
+    for m in layers[:training[-1] + 1] if training else []:
+        if not (isinstance(m, _BN) and m.training):
+            h = m(h)
+            continue
+        dims = [0, *range(2, h.dim())]
+        hw = h.to(torch.promote_types(h.dtype, torch.float32))  # statistics in float32 at least, as BatchNorm's
+        mean, var = hw.mean(dims), hw.var(dims, unbiased=False)
+        if m.running_mean is not None:
+            _update_running(m, mean.detach(), var.detach(), hw.numel() // hw.shape[1])
+        scale = torch.rsqrt(var + m.eps)
+        scale = scale * m.weight if m.affine else scale
+        shift = -mean * scale
+        stats[m] = (scale, shift + m.bias if m.affine else shift)
+        h = _ChannelAffine(*stats[m], h.dim())(h)
+    return stats
+
+
+@torch.no_grad()
+def _update_running(m, mean, var, n):
+    """BatchNorm's running statistics after one training-mode batch of n values per channel (the running
+    variance takes the unbiased batch variance)."""
+    m.num_batches_tracked.add_(1)
+    rate = 1 / m.num_batches_tracked if m.momentum is None else m.momentum  # None: the cumulative average
+    m.running_mean.lerp_(mean.to(m.running_mean.dtype), rate)
+    m.running_var.lerp_((var * n / max(n - 1, 1)).to(m.running_var.dtype), rate)
+
+
+def forward(model, x, stats=None):
+    """model(x), with each BatchNorm layer in stats (batch_stats) normalising with those statistics and
+    updating nothing: the network that a training step's bounds describe, at any input (the
+    adversarial loss). Without stats, model(x) itself."""
+    if not stats:
+        return model(x)
+    for m in _layers(model, walk_only=True):
+        x = _ChannelAffine(*stats[m], x.dim())(x) if m in stats else m(x)
+    return x
+
+
+def fold_bn(model):
+    """A copy of model in which every BatchNorm (eval mode, running statistics) that follows a Linear or
+    Conv2d is folded into it: weight rows times the scale, bias b * scale + shift. The same function up to
+    rounding, a layer fewer per BatchNorm: the network to deploy. Certificates are per network: sound_bounds
+    certifies the copy as it is, not the original."""
+    folded = []
+    for m in _layers(model, walk_only=True):
+        prev = folded[-1] if folded else None
+        if not (isinstance(m, _BN) and isinstance(prev, (nn.Linear, nn.Conv2d))):
+            folded.append(copy.deepcopy(m))
+            continue
+        bn = _bn_affine(m, None)
+        scale, shift = bn.scale.detach(), bn.shift.detach()
+        with torch.no_grad():
+            prev.weight.mul_(scale.view(-1, *[1] * (prev.weight.dim() - 1)))
+            bias = shift if prev.bias is None else prev.bias * scale + shift
+        prev.bias = nn.Parameter(bias.to(prev.weight.dtype))
+    return nn.Sequential(*folded).eval()
+
+
+class bn_eval:
+    """with certmin.bn_eval(model): the model's BatchNorm layers in eval mode (running statistics, none
+    updated), as attacks during training run them; afterwards each layer's mode as found."""
+
+    def __init__(self, model):
+        self.bns = [m for m in _layers(model, walk_only=True) if isinstance(m, _BN)]
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.bns]
+        for m in self.bns:
+            m.train(False)
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.bns, self.modes):
+            m.train(mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +444,9 @@ def _backward(layers, A, pre, shapes, upto, relu_step=None, bias=None, ledger=No
         elif isinstance(m, Normalize):
             bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
             A = A / m.std
+        elif isinstance(m, _ChannelAffine):
+            bias = bias + (A * m.view(m.shift)).flatten(2).sum(-1)
+            A = A * m.view(m.scale)
         else:  # Flatten
             A = A.reshape(N, S, *shapes[i])
     return A, bias
@@ -348,11 +497,15 @@ def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alp
     return lbs[:, :S], -lbs[:, S:]
 
 
-def margin_lower(model, xl, xu, C, beta=0.0, check=True):
+def margin_lower(model, xl, xu, C, beta=0.0, check=True, stats=None, pre=None):
     """beta * (CROWN-IBP lower bound) + (1 - beta) * (IBP lower bound) of C f over the box: the mixture
-    of CROWN-IBP training. One IBP pass serves both; beta = 0 skips the backward pass."""
-    layers = _layers(model)
-    lb, _, pre, shapes = _ibp(layers, xl, xu, C, record=beta != 0, check=check)
+    of CROWN-IBP training. One IBP pass serves both; beta = 0 skips the backward pass. stats: the clean
+    batch's BatchNorm statistics (batch_stats). pre: a dict to fill with IBP's bounds (l, u) at each
+    ReLU's input, keyed by layer index (for warmup_loss)."""
+    layers = _layers(model, stats)
+    lb, _, recorded, shapes = _ibp(layers, xl, xu, C, record=beta != 0 or pre is not None, check=check)
+    pre = {} if pre is None else pre
+    pre.update(recorded)
     if beta == 0:
         return lb
     lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), pre, shapes, len(layers)), xl, xu)
@@ -364,21 +517,56 @@ def margin_lower(model, xl, xu, C, beta=0.0, check=True):
 # ----------------------------------------------------------------------------------------------
 
 
-def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0, check=True):
+def verified_loss(model, x, y, eps, beta=0.0, lo=0.0, hi=1.0, check=True, stats=None, pre=None):
     """(loss, verified): batch-mean CE(-m_lb, y), where m_lb is a lower bound of the margins
     z_y - z_j over the eps-box (beta * CROWN-IBP + (1 - beta) * IBP) and m_lb_y = 0;
     verified (N,) is True where every m_lb_j > 0. check=False skips the two checks that make the
     host wait for the GPU (labels in range, box non-empty): for a training loop whose labels were
-    checked once and whose x lies in [lo, hi]."""
+    checked once and whose x lies in [lo, hi]. BatchNorm layers in training mode normalise with the
+    clean batch's statistics: stats (batch_stats(model, x)), computed here if not given. pre: as for
+    margin_lower."""
     xl, xu = input_box(x, eps, lo, hi)
-    last = _layers(model)[-1]
+    last = _layers(model, walk_only=True)[-1]
     if not isinstance(last, nn.Linear):
         raise TypeError("verified_loss needs a model whose last layer is nn.Linear (the logits)")
     classes = last.out_features
-    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes, check).to(x.dtype), beta, check)
+    stats = batch_stats(model, x) if stats is None else stats
+    m_lb = margin_lower(model, xl, xu, margin_spec(y, classes, check).to(x.dtype), beta, check, stats, pre)
     logits = torch.zeros(len(y), classes, dtype=m_lb.dtype, device=m_lb.device)
     logits = logits.scatter(1, _others(y, classes), -m_lb)
     return F.cross_entropy(logits, y), (m_lb > 0).all(1)
+
+
+def warmup_loss(pre, xl, xu, tau=0.5, model=None):
+    """Shi et al.'s (2021) two warm-up regularisers on IBP's pre-activation bounds pre ({i: (l, u)}, as
+    margin_lower(pre=) fills it), averaged over the ReLU layers, as (tightness, relu):
+    - tightness, relu(tau - d0 / mean(d)) / tau: d is a layer's mean radius, d0 the input box's (after
+      a leading Normalize of model's); zero while the boxes grow less than 1 / tau from the input on;
+    - relu, (relu(tau - r_mean) + relu(tau - r_var)) / tau, r_mean the ratio of the active (l > 0) and
+      inactive (u < 0) neurons' summed centres (sign flipped), r_var that of their summed squared
+      distances from the layer's mean centre, each folded into [0, 1] by min(r, 1 / r): zero while
+      neither kind outweighs the other by more than 1 / tau, 2 where one kind is missing. A layer
+      where a ratio is 0 / 0 adds nothing to it.
+    Both are what the warm-up adds, weighted, to the verified loss while eps ramps up."""
+    c, r = _centre_radius(xl, xu)
+    first = _layers(model, walk_only=True)[0] if model is not None else None
+    d0 = (r / first.std if isinstance(first, Normalize) else r).mean()
+    tight, relu = [], []
+    for i in sorted(pre):
+        l, u = pre[i]
+        centre, radius = (u + l) / 2, (u - l) / 2
+        tight.append(F.relu(tau - d0 / radius.mean().clamp(min=1e-12)) / tau)
+        active, inactive = (l > 0).to(centre.dtype), (u < 0).to(centre.dtype)
+        spread = (centre - centre.mean()) ** 2
+        num = torch.stack([(centre * active).sum(), (spread * active).sum()])  # both sums are >= 0
+        den = torch.stack([-(centre * inactive).sum(), (spread * inactive).sum()])
+        big = torch.maximum(num, den)
+        ratios = torch.minimum(num, den) / big.clamp(min=torch.finfo(big.dtype).tiny)  # min(r, 1 / r), no inf
+        term = (F.relu(tau - ratios[0]) + F.relu(tau - ratios[1])) / tau
+        relu.append(torch.where((big > 0).all(), term, 0))  # on the device: no host sync
+    if not pre:
+        return c.new_zeros(()), c.new_zeros(())
+    return torch.stack(tight).mean(), torch.stack(relu).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +630,7 @@ def fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0):
     return _fosc(_input_grad(model, x_adv, y)[2], x_adv, x, eps, lo, hi)
 
 
-def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
+def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None, retain_graph=False):
     """(L_adv, batch-mean FOSC, wrong) from one forward pass: L_adv keeps its graph for the parameter
     gradient, FOSC (a 0-dim tensor) costs one extra input-only backward instead of a second forward;
     wrong (N,) marks the examples that x_adv misclassifies.
@@ -450,7 +638,8 @@ def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
     With params: (L_adv detached, FOSC, wrong, L_adv's gradients for params) from one backward pass
     for both gradients (the input's, for FOSC, and the parameters', for TwoGradient.step(grad_adv=)):
     a backward pass through the network fewer. FOSC then comes from the mean loss's input gradient
-    times N, equal to the per-example gradients up to rounding."""
+    times N, equal to the per-example gradients up to rounding. retain_graph: keep the graph, for a model
+    whose graph another loss shares (BatchNorm statistics from batch_stats)."""
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
@@ -459,7 +648,7 @@ def adv_loss_and_fosc(model, x_adv, x, y, eps, lo=0.0, hi=1.0, params=None):
         grad, = torch.autograd.grad(loss.sum(), x_adv, retain_graph=True)
         return loss.mean(), _fosc(grad.float(), x_adv.detach(), x, eps, lo, hi).mean(), wrong
     mean = loss.mean()
-    *grads, grad = torch.autograd.grad(mean, [*params, x_adv], allow_unused=True)
+    *grads, grad = torch.autograd.grad(mean, [*params, x_adv], allow_unused=True, retain_graph=retain_graph)
     fosc = _fosc(grad.float() * len(y), x_adv.detach(), x, eps, lo, hi).mean()
     return mean.detach(), fosc, wrong, grads
 
@@ -669,7 +858,7 @@ def _window(T, y0, x0, h, w):
 
 def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
     """Lower and upper CROWN bounds (N, k) of the pre-activations idx (N, k) of ReLU i, whose layer
-    i - 1 is a Conv2d with only Conv2d / ReLU / Normalize below it. A conv neuron depends on its
+    i - 1 is a Conv2d with only Conv2d / ReLU / Normalize / BatchNorm below it. A conv neuron depends on its
     receptive field alone, so each row is kept as a patch over that field and its offset (the layout
     auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's. ledger:
     as for _backward (the bounds come back with every rounding charged)."""
@@ -706,6 +895,9 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
         if isinstance(m, Normalize):
             bias = bias - (A * (m.mean / m.std)).flatten(2).sum(-1)
             A = A / m.std
+        elif isinstance(m, _ChannelAffine):
+            bias = bias + (A * m.view(m.shift)).flatten(2).sum(-1)
+            A = A * m.view(m.scale)
         else:  # Conv2d: its transpose maps a patch to the patch of its receptive field
             if m.bias is not None:
                 bias = bias + A.sum((-2, -1)) @ m.bias
@@ -724,7 +916,7 @@ def _patch_elements(layers, i, shapes):
     """The largest patch (elements per row) of _patch_bounds for ReLU i, or None where patches do not
     apply (layer i - 1 is not a Conv2d, or a Flatten / Linear lies below it)."""
     if not (isinstance(layers[i - 1], nn.Conv2d) and
-            all(isinstance(m, (nn.Conv2d, nn.ReLU, Normalize)) for m in layers[:i - 1])):
+            all(isinstance(m, (nn.Conv2d, nn.ReLU, Normalize, _ChannelAffine)) for m in layers[:i - 1])):
         return None
     m = layers[i - 1]
     h, w = [(k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation)]
@@ -837,7 +1029,8 @@ def _alpha_crown(layers, A, pre, shapes, xl, xu, steps, lr, ledger=None):
     return best
 
 
-def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR):
+def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA_STEPS, alpha_lr=ALPHA_LR,
+           stats=None):
     """Sound (lb, ub) of C f(x) over the box [xl, xu]: (N, S) with C (N, S, classes), else (N, classes).
 
     method: "ibp" (Gowal et al. 2018), "crown-ibp" (IBP intermediate bounds, CROWN last pass; Zhang
@@ -845,10 +1038,12 @@ def bounds(model, xl, xu, C=None, method="ibp", progress=None, alpha_steps=ALPHA
     under torch.no_grad() unless you need its gradient) or "alpha-crown" (CROWN, then alpha_steps
     projected Adam steps of rate alpha_lr on the last pass's lower ReLU slopes; never looser than
     CROWN; no gradient). progress(neurons done, neurons in all) is called as full CROWN bounds the
-    hidden layers. The arithmetic is IEEE float32 or float64 whatever autocast or TF32 the caller set."""
+    hidden layers. The arithmetic is IEEE float32 or float64 whatever autocast or TF32 the caller set.
+    BatchNorm layers are per-channel affine maps: in eval mode with their running statistics, in
+    training mode with the clean batch's, stats (batch_stats)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    layers = _layers(model)
+    layers = _layers(model, stats)
     _check_spec(layers, xl, C)
     with ieee(xl.device.type):
         return _bounds(layers, xl, xu, C, method, progress, alpha_steps, alpha_lr)
@@ -952,8 +1147,12 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
     wide as theirs. progress, alpha_steps, alpha_lr: as for bounds(). For certificates; no gradient."""
     if method not in SOUND_METHODS:
         raise ValueError(f"sound_bounds has no method {method!r}; choose one of {', '.join(SOUND_METHODS)}")
-    layers = _layers(model)
+    layers = _layers(model, walk_only=True)
     _check_spec(layers, xl, C)
+    for m in layers:
+        if isinstance(m, _BN) and (m.training or m.running_mean is None):
+            raise ValueError(f"sound_bounds certifies networks as they are evaluated: {m} normalises with each "
+                             "batch's statistics (training mode, or no running statistics); call model.eval()")
     if not bool((xl <= xu).all()):
         raise ValueError("the input box is empty somewhere (xl > xu); build it with certmin.input_box")
     narrow = [t.dtype for t in (xl, xu, *model.parameters(), *model.buffers()) if t.is_floating_point()
@@ -965,6 +1164,8 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
     torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
     try:
         with ieee(xl.device.type), torch.no_grad():
+            layers = [_sound_bn(m, dtype) if isinstance(m, _BN) else copy.deepcopy(m).to(dtype).requires_grad_(False)
+                      for m in layers]
             if method == "ibp":
                 for i, m in enumerate(layers):
                     if isinstance(m, nn.Linear) and C is not None and i == len(layers) - 1:
@@ -973,7 +1174,6 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
                 if C is not None:  # the last layer is not Linear: C is one more affine map, with no bias
                     lo, hi = _sound_affine(lo, hi, C.shape[-1], _per_example, C, None)
                 return lo, hi
-            layers = [copy.deepcopy(m).to(dtype).requires_grad_(False) for m in layers]
             out, _, pre, shapes = _ibp(layers, lo[:1], hi[:1], record=True, check=False)  # the shapes alone
             ledger = _Ledger(layers, lo, hi)
             if method == "crown-ibp":
@@ -983,6 +1183,28 @@ def sound_bounds(model, xl, xu, C=None, method="ibp", dtype=torch.float64, progr
             return _last_pass(layers, lo, hi, C, pre, shapes, out.shape[1], method, alpha_steps, alpha_lr, ledger)
     finally:
         torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = was
+
+
+def _sound_bn(m, dtype):
+    """BatchNorm m (eval mode) as a _ChannelAffine in dtype whose radius bounds the rounding of its scale
+    and shift: the exact layer is x * s + t with s = w / sqrt(var + eps) and t = b - mean * s. The float
+    scale takes up to four roundings (eps into dtype, the sum, the root, which halves its operand's
+    relative error, the quotient), so it errs by at most about 3.5 u |scale|; 6 u leaves room for the
+    second-order terms and the radius's own rounding. The shift errs by |mean| times that, plus the
+    product's and the difference's roundings, u (|mean scale| + |b - mean scale|) <= 2 u (|mean scale|
+    + |b|) and 4 u leaves room; the tiny terms cover underflow."""
+    u, tiny = torch.finfo(dtype).eps / 2, torch.finfo(dtype).tiny
+    mean, var = m.running_mean.to(dtype), m.running_var.to(dtype)
+    scale = 1 / torch.sqrt(var + m.eps)
+    if m.affine:
+        scale = m.weight.to(dtype) * scale
+    product = mean * scale
+    b = m.bias.to(dtype) if m.affine else torch.zeros_like(mean)
+    if not bool(scale.isfinite().all()):
+        raise ValueError(f"{m} has a running variance of -eps or less, or infinite values: its scale is not finite")
+    s_r = _up(6 * u * scale.abs() + tiny)
+    t_r = _up(mean.abs() * s_r + 4 * u * (product.abs() + b.abs()) + 2 * tiny)
+    return _ChannelAffine(scale, b - product, 4 if isinstance(m, nn.BatchNorm2d) else 2, (s_r, t_r))
 
 
 def _w(m, dtype):
@@ -1001,6 +1223,11 @@ def _sound_step(m, lo, hi):
         for _ in range(3):
             lo, hi = _down(lo), _up(hi)
         return lo, hi
+    if isinstance(m, _ChannelAffine):  # x * s + t, one term: its rounding, plus how far s and t may be off
+        s_r, t_r = m.radius
+        extra = m.view(s_r) * torch.maximum(lo.abs(), hi.abs()) + m.view(t_r)
+        return _sound_affine(lo, hi, 1, lambda x, s, t: x * m.view(s) + (0 if t is None else m.view(t)),
+                             m.scale, m.shift, extra)
     return _sound_affine(lo, hi, *_affine_parts(m), *_w(m, lo.dtype))
 
 
@@ -1087,6 +1314,8 @@ class _Ledger:
       slopes. A' as rounded errs by u |A| entrywise, and A^- . t by gamma_n |A| t, both only at unstable
       neurons (a stable one multiplies by 0 or 1, exactly, and has t = 0): gamma_n <|A|, max|z| + t> there.
     - Normalize: A . (h - mean) / std = (A / std) . h - A . (mean / std): gamma_n <|A|, max|h| / std + |mean / std|>.
+    - BatchNorm, x * s + t with s and t within (s_r, t_r) of the floats (_sound_bn): as Normalize,
+      gamma_n <|A|, max|h| |s| + |t|>, plus what the floats miss, <|A|, max|h| s_r + t_r>.
     - The input box: the minimum over [c - r, c + r] (_enclose: it contains [xl, xu]) of A x is
       A c - |A| r, which errs by gamma_n <|A|, |c| + r>.
     Each step's <|A|, v> also bounds the term it adds to bias, and the K sums into bias err by at most
@@ -1129,37 +1358,44 @@ class _Ledger:
         return self.cache["relax", i]
 
     def _charge(self, j):
-        """(v, n, underflow) of layer j: each step is charged gamma_n <|A|, v> + underflow."""
+        """(v, n, underflow, w) of layer j: each step is charged gamma_n <|A|, v> + underflow + 2 <|A|, w>
+        (w: how far the layer's exact values may lie from its floats, or None)."""
         if ("v", j) not in self.cache:
             m, (lo, hi) = self.layers[j], self.box(j)
-            hmax, n = torch.maximum(lo.abs(), hi.abs()), lo[0].numel()
+            hmax, n, w = torch.maximum(lo.abs(), hi.abs()), lo[0].numel(), None
             if isinstance(m, nn.ReLU):  # a stable neuron's slopes are 0 or 1 and its intercept 0: exact
                 v = torch.where((lo < 0) & (hi > 0), hmax + self.relax(j)[2], 0)
             elif isinstance(m, Normalize):
                 v = hmax / m.std + (m.mean / m.std).abs()
+            elif isinstance(m, _ChannelAffine):
+                v = hmax * m.view(m.scale.abs()) + m.view(m.shift.abs())
+                w = hmax * m.view(m.radius[0]) + m.view(m.radius[1])
             else:  # Linear, Conv2d
                 W, b = m.weight, m.bias
                 v = _affine_parts(m)[1](hmax.unsqueeze(0), W.abs(), None)[0]
                 v = v if b is None else v + b.abs().view(-1, *[1] * (v.dim() - 2))
                 k = m.out_features if isinstance(m, nn.Linear) else W.shape[0] // m.groups * math.prod(m.kernel_size)
                 n = max(k, v[0].numel())
-            self.cache["v", j] = v, n, _underflow(n, hmax)
+            self.cache["v", j] = v, n, _underflow(n, hmax), w
         return self.cache["v", j]
 
     def begin(self, bias):
         self.charge, self.size, self.k = 0, bias.detach().abs(), 1
 
-    def _add(self, A, v, n, under):
+    def _add(self, A, v, n, under, w=None):
         D = (A.detach().abs() * v).flatten(2).sum(-1)
         self.charge = self.charge + _gamma(n, A.dtype) * D + under
         self.size = self.size + D
+        if w is not None:  # doubled: covers the rounding of computing and adding it (relative n u << 1)
+            self.charge = self.charge + 2 * (A.detach().abs() * w).flatten(2).sum(-1)
 
     def step(self, j, A, window=None):
         """Charge the step back through layer j; A: the rows over its output. window(v) -> v over A's
         patches (_patch_bounds)."""
         if not isinstance(self.layers[j], nn.Flatten):
-            v, n, under = self._charge(j)
-            self._add(A, v.unsqueeze(1) if window is None else window(v), n, under)
+            v, n, under, w = self._charge(j)
+            per_row = (lambda t: t.unsqueeze(1)) if window is None else window  # noqa: E731
+            self._add(A, per_row(v), n, under, None if w is None else per_row(w))
             self.k += 1
 
     def input(self, A, v):

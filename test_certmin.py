@@ -70,10 +70,11 @@ def autocast_on(device_type):
 
 
 @st.composite
-def networks(draw, max_classes=4):
+def networks(draw, max_classes=4, bn=False):
     """A random Sequential of Conv2d/Linear/ReLU/Flatten/Normalize layers, an input batch and a label
     batch. Weight scales up to 10, strides, padding, dilation, groups, and affine layers without a
-    ReLU between them."""
+    ReLU between them. bn: also BatchNorm after some hidden Conv2d/Linear layers (random scales of either
+    sign, running statistics and eps; eval mode: net.train() and certmin.batch_stats for training)."""
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
     ch, side = draw(st.integers(1, 2)), draw(st.integers(3, 7))
@@ -90,6 +91,8 @@ def networks(draw, max_classes=4):
         groups = 2 if c % 2 == 0 and out % 2 == 0 and draw(st.booleans()) else 1
         layers.append(nn.Conv2d(c, out, k, stride, pad, dilation=dil, groups=groups))
         c, s = out, (s + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        if bn and draw(st.booleans()):
+            layers.append(nn.BatchNorm2d(out, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1]))))
         if draw(st.integers(0, 3)) > 0:
             layers.append(nn.ReLU())
     layers.append(nn.Flatten())
@@ -98,6 +101,8 @@ def networks(draw, max_classes=4):
         out = draw(st.integers(1, 8))
         layers.append(nn.Linear(n, out))
         n = out
+        if bn and draw(st.booleans()):
+            layers.append(nn.BatchNorm1d(out, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1]))))
         if draw(st.integers(0, 3)) > 0:
             layers.append(nn.ReLU())
     classes = draw(st.integers(2, max_classes))
@@ -107,6 +112,11 @@ def networks(draw, max_classes=4):
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale / math.sqrt(p[0].numel()))
+        for m in net:
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) * 3)
+    net.eval()
     batch = draw(st.integers(1, 3))
     x = torch.rand(batch, ch, side, side, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (batch,), generator=g)
@@ -579,7 +589,10 @@ def exact_ibp(net, xl, xu, C=None):
     """IBP of one example in exact rational arithmetic (fractions.Fraction), from the float weights as
     they are: the reference every float bound is judged against. Shares no code with certmin: a Conv2d
     becomes its dense matrix by probing it, bias-free, with basis vectors in float64 (every entry is one
-    product by 1, exact); Linear, Flatten, ReLU and Normalize are written out."""
+    product by 1, exact); Linear, Flatten, ReLU and Normalize are written out. BatchNorm (eval mode): its
+    scale w / sqrt(var + eps) is irrational in general, so it enters as a rational interval 2^-200 wide
+    (exact_bn): the result still contains the exact one, and a bound that misses it by less than that
+    would be a bound with no room for rounding at all."""
     from fractions import Fraction as Q
     layers = [layer for m in net for layer in (m if isinstance(m, nn.Sequential) else [m])]
     shape, lo, hi = xl.shape, [Q(v) for v in xl.flatten().tolist()], [Q(v) for v in xu.flatten().tolist()]
@@ -605,6 +618,8 @@ def exact_ibp(net, xl, xu, C=None):
             lo, hi = [max(v, 0) for v in lo], [max(v, 0) for v in hi]
         elif isinstance(m, nn.Flatten):
             shape = (math.prod(shape),)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            lo, hi = exact_bn(m, lo, hi, math.prod(shape[1:]))
         elif isinstance(m, certmin.Normalize):
             per = math.prod(shape[1:])
             mean = [Q(v) for v in m.mean.flatten().tolist()]
@@ -633,6 +648,29 @@ def exact_ibp(net, xl, xu, C=None):
     if C is not None:
         lo, hi = affine(sparse(C), [Q(0)] * len(C), lo, hi)
     return lo, hi
+
+
+def exact_bn(m, lo, hi, per, bits=200):
+    """BatchNorm (eval) over rational intervals [lo, hi] (per values per channel): y = s (x - mean) + b with
+    s = w / sqrt(var + eps) in a rational interval from integer square roots, multiplied as intervals."""
+    from fractions import Fraction as Q
+    outs_lo, outs_hi = [], []
+    w = m.weight.tolist() if m.affine else [1.0] * m.num_features
+    b = m.bias.tolist() if m.affine else [0.0] * m.num_features
+    scales = []
+    for ch, (mean, var) in enumerate(zip(m.running_mean.tolist(), m.running_var.tolist())):
+        q = Q(var) + Q(m.eps)
+        root = math.isqrt(q.numerator * q.denominator * 4 ** bits)
+        den = q.denominator * 2 ** bits
+        r_lo, r_hi = Q(root, den), Q(root + 1, den)  # r_lo <= sqrt(var + eps) <= r_hi
+        s = sorted([Q(w[ch]) / r_lo, Q(w[ch]) / r_hi])
+        scales.append((s, Q(mean), Q(b[ch])))
+    for j, (a, z) in enumerate(zip(lo, hi)):
+        (s0, s1), mean, bias = scales[j // per]
+        prods = [s0 * (a - mean), s0 * (z - mean), s1 * (a - mean), s1 * (z - mean)]
+        outs_lo.append(min(prods) + bias)
+        outs_hi.append(max(prods) + bias)
+    return outs_lo, outs_hi
 
 
 def assert_encloses_exact(net, xl, xu, C, lb, ub):
@@ -986,6 +1024,212 @@ def test_certified_examples_are_never_misclassified_by_pgd():
     attacked = net(x_adv).argmax(1) != y
     assert attacked.any(), "PGD should break some uncertified examples"
     assert not (certified & attacked).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm: a per-channel affine map in every bound, with the clean batch's statistics in training
+# ----------------------------------------------------------------------------------------------
+
+
+def stats_net(net, x, training):
+    """(the function the bounds describe, stats): in training mode the network with x's batch statistics."""
+    if not training:
+        return net, None
+    net.train()
+    stats = certmin.batch_stats(net, x)
+    return (lambda z: certmin.forward(net, z, stats)), stats
+
+
+@PROP
+@given(networks(bn=True), st.floats(0, 0.5), st.sampled_from(certmin.METHODS), st.booleans(), st.booleans())
+def test_bounds_with_batchnorm_are_sound(case, eps, method, with_C, training):
+    """Sampled and attacked points inside every method's bounds, BatchNorm in eval mode (running statistics)
+    or in training mode (the clean batch's statistics, which the points then share)."""
+    net, x, y, classes = case
+    f, stats = stats_net(net, x, training)
+    C = certmin.margin_spec(y, classes).double() if with_C else None
+    xl, xu = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, xl, xu, C, method, stats=stats)
+    assert_contains(f, xl, xu, C, lb, ub, TOL64)
+
+
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(bn=True), st.sampled_from([0.0, 1e-6, 0.01, 0.1]), st.booleans(), st.sampled_from(["float32", "float64"]),
+       st.sampled_from(certmin.SOUND_METHODS))
+def test_sound_bounds_with_batchnorm_contain_the_exact_outputs(case, eps, with_C, weights, method):
+    """sound_bounds of a network with BatchNorm (its scale and shift rounded too) contains the exact
+    outputs, in rationals, of sampled and attacked points, and (IBP) exact IBP itself."""
+    from fractions import Fraction as Q
+    net, x, y, classes = case
+    if weights == "float32":
+        net, x = net.float(), x.float()
+    C = certmin.margin_spec(y, classes).to(x.dtype) if with_C else None
+    xl, xu = certmin.input_box(x, eps, outward=True)
+    lb, ub = certmin.sound_bounds(net, xl, xu, C, method)
+    if method == "ibp":
+        assert_encloses_exact(net, xl, xu, C, lb, ub)
+    pts = torch.cat([x.unsqueeze(1), sample_points(net, xl, xu, C, n=2)], 1)
+    pts = torch.min(torch.max(pts, xl.unsqueeze(1)), xu.unsqueeze(1))
+    for k in range(len(x)):
+        for p in pts[k]:
+            lo, hi = exact_ibp(net, p, p, None if C is None else C[k])
+            assert all(Q(a) <= v for a, v in zip(lb[k].tolist(), lo)), "a lower bound exceeds an exact output"
+            assert all(Q(a) >= v for a, v in zip(ub[k].tolist(), hi)), "an upper bound is below an exact output"
+
+
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(bn=True), st.floats(0, 0.3), st.sampled_from(certmin.SOUND_METHODS))
+def test_sound_bounds_with_batchnorm_are_the_methods_within_rounding(case, eps, method):
+    net, x, y, classes = case
+    C = certmin.margin_spec(y, classes).double()
+    xl, xu = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, xl, xu, C, method)
+    slb, sub = certmin.sound_bounds(net, xl, xu, C, method)
+    scale = 1 + max(lb.abs().max().item(), ub.abs().max().item())
+    assert (lb - slb).max().item() <= 1e-9 * scale and (sub - ub).max().item() <= 1e-9 * scale
+    if method in ("ibp", "crown-ibp"):
+        assert (slb <= lb).all() and (sub >= ub).all()
+
+
+@pytest.mark.parametrize("method", certmin.SOUND_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sound_bounds_charge_the_rounding_of_a_batchnorm_shift(method, dtype):
+    """x = 0 exactly, BatchNorm with var + eps = 3 (sqrt(3) irrational), mean M = 2^20 and bias b = M s' (s'
+    the float scale): in floats the shift b - M s' is 0, in exact arithmetic b - M / sqrt(3) is not (about
+    M u). Nothing else is charged here, so sound_bounds must account for the scale's rounding itself."""
+    from fractions import Fraction as Q
+    M = 2.0 ** 20
+    bn = nn.BatchNorm1d(1, eps=0.0).to(dtype).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(3.0)
+        bn.running_mean.fill_(M)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(M * (1 / torch.sqrt(torch.tensor([3.0], dtype=torch.float64))))  # exact in float64: M is 2^20
+    net = nn.Sequential(nn.Flatten(), bn, nn.Linear(1, 1)).to(dtype)
+    with torch.no_grad():
+        net[2].weight.fill_(1.0)
+        net[2].bias.zero_()
+    x = torch.zeros(1, 1, 1, 1, dtype=dtype)
+    lb, ub = certmin.sound_bounds(net, x, x, None, method)
+    b, lo, hi = Q(bn.bias.item()), Q(lb.item()), Q(ub.item())
+    # lo <= b - M / sqrt(3) <= hi, decided in rationals
+    assert b - lo > 0 and 3 * (b - lo) ** 2 >= Q(M) ** 2, "the lower bound exceeds the exact output"
+    assert b - hi < 0 or 3 * (b - hi) ** 2 <= Q(M) ** 2, "the upper bound is below the exact output"
+    assert ub.item() - lb.item() < 1e-3  # room of the order of M u, not more
+
+
+def test_batch_stats_are_training_mode_batchnorm():
+    """batch_stats' map equals torch's training-mode BatchNorm on the clean batch (outputs and running
+    statistics after the step); forward(stats=) then updates nothing; the gradient flows through the
+    statistics as torch's does."""
+    torch.manual_seed(0)
+    net = certmin.dm_small(side=12, bn=True).double().train()
+    ref = copy.deepcopy(net)
+    x = torch.rand(6, 1, 12, 12, dtype=torch.float64)
+    stats = certmin.batch_stats(net, x)
+    assert len(stats) == 3
+    out = certmin.forward(net, x, stats)
+    expected = ref(x)
+    assert torch.allclose(out, expected, atol=1e-10)
+    for a, b in zip(net.buffers(), ref.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12)
+    before = [b.clone() for b in net.buffers()]
+    certmin.forward(net, torch.rand_like(x), stats)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))
+    g, = torch.autograd.grad(out.sum(), net[0].weight)
+    g_ref, = torch.autograd.grad(expected.sum(), ref[0].weight)
+    assert torch.allclose(g, g_ref, atol=1e-8)
+    assert certmin.batch_stats(certmin.dm_small(side=12), x) == {}
+
+
+def test_bn_eval_and_the_training_mode_refusals():
+    net = certmin.dm_small(side=12, bn=True).train()
+    net[1].eval()
+    with certmin.bn_eval(net):
+        assert not any(m.training for m in net if isinstance(m, nn.BatchNorm2d))
+    assert [m.training for m in net if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))] == [False, True, True]
+    x = torch.rand(2, 1, 12, 12)
+    box = certmin.input_box(x, 0.1)
+    with pytest.raises(ValueError, match="batch_stats"):
+        certmin.bounds(net, *box)
+    with pytest.raises(ValueError, match="model.eval"):
+        certmin.sound_bounds(net.double(), *(t.double() for t in box))
+    flat = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(4, 2)).eval()
+    with pytest.raises(TypeError, match="BatchNorm1d over"):
+        certmin.bounds(flat, torch.zeros(1, 3, 4), torch.ones(1, 3, 4))
+
+
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(bn=True), st.floats(0, 0.3), st.sampled_from(certmin.METHODS))
+def test_folded_batchnorm_is_the_same_network_and_the_same_bounds(case, eps, method):
+    """fold_bn's copy computes the same function, and (a BatchNorm after an affine layer composes with it
+    into one affine layer, in the reals) every method gives it the same bounds, up to float64 rounding."""
+    net, x, y, classes = case
+    folded = certmin.fold_bn(net)
+    bns = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in net)
+    assert len(folded) == len(net) - bns and not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded)
+    pts = torch.rand(5, *x.shape[1:], dtype=x.dtype)
+    with torch.no_grad():
+        assert torch.allclose(folded(pts), net(pts), atol=1e-9 * (1 + net(pts).abs().max().item()))
+    C = certmin.margin_spec(y, classes).double()
+    box = certmin.input_box(x, eps)
+    lb, ub = certmin.bounds(net, *box, C, method)
+    flb, fub = certmin.bounds(folded, *box, C, method)
+    scale = 1 + max(lb.abs().max().item(), ub.abs().max().item())
+    assert torch.allclose(lb, flb, atol=1e-8 * scale) and torch.allclose(ub, fub, atol=1e-8 * scale)
+
+
+def test_ibp_init_draws_the_weights_from_its_normal_and_keeps_the_last():
+    torch.manual_seed(0)
+    net = certmin.cnn7(in_ch=3, side=32)
+    last = net[-1].weight.clone()
+    certmin.ibp_init(net)
+    affine = [m for m in net if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(affine) == 7 and torch.equal(affine[-1].weight, last)
+    for m in affine[:-1]:
+        fan_in = m.weight[0].numel()
+        sigma = math.sqrt(2 * math.pi) / fan_in
+        w = m.weight.detach().double()
+        assert abs(w.mean().item()) < 4 * sigma / math.sqrt(w.numel())
+        assert abs(w.std().item() / sigma - 1) < 0.05  # >= 1728 draws per layer: 5% is over 2 standard errors
+        assert abs(w.abs().mean().item() * fan_in - 2) < 0.1  # the growth per layer that the ReLU halves
+
+
+def test_cnn7_is_dm_large_with_batchnorm_before_every_relu():
+    net = certmin.cnn7(in_ch=3, side=32, mean=[0.5] * 3, std=[0.25] * 3)
+    kinds = [type(m).__name__ for m in net]
+    relus = [i for i, k in enumerate(kinds) if k == "ReLU"]
+    assert len(relus) == 6 and all(kinds[i - 1].startswith("BatchNorm") for i in relus)
+    plain = [k for k in kinds if not k.startswith("BatchNorm")]
+    assert plain == [type(m).__name__ for m in certmin.dm_large(in_ch=3, side=32, mean=[0.5] * 3, std=[0.25] * 3)]
+    assert net.train()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_warmup_loss_against_a_direct_computation():
+    """Two ReLU layers written out by hand: the tightness and balance terms, a layer with one kind of
+    neuron missing (balance term 2), a layer with neither (adds nothing), and the input radius after Normalize."""
+    tau = 0.5
+    l1, u1 = torch.tensor([[1.0, -3.0, -1.0, 2.0]]), torch.tensor([[3.0, -1.0, 1.0, 4.0]])  # active 0, 3; inactive 1
+    l2, u2 = torch.tensor([[0.5, 1.0]]), torch.tensor([[1.5, 2.0]])                          # all active
+    l3, u3 = torch.tensor([[-1.0]]), torch.tensor([[1.0]])                                    # neither
+    xl, xu = torch.zeros(1, 1, 1, 2), torch.full((1, 1, 1, 2), 0.4)                           # radius 0.2
+    net = nn.Sequential(certmin.Normalize([0.0], [0.5]), nn.Flatten(), nn.Linear(2, 2))       # radius 0.4 after it
+    tight, relu = certmin.warmup_loss({1: (l1, u1), 3: (l2, u2), 5: (l3, u3)}, xl, xu, tau, model=net)
+    d0 = 0.4
+    radii = [1.0, 0.5, 1.0]  # mean radius per layer
+    want_tight = sum(max(0.0, tau - d0 / d) / tau for d in radii) / 3
+    c1 = [2.0, -2.0, 0.0, 3.0]
+    mean1 = sum(c1) / 4
+    r_mean = (2.0 + 3.0) / 2.0
+    r_var = ((2 - mean1) ** 2 + (3 - mean1) ** 2) / (-2 - mean1) ** 2
+    fold = lambda r: min(r, 1 / r)  # noqa: E731
+    want_relu = ((max(0, tau - fold(r_mean)) + max(0, tau - fold(r_var))) / tau + 2.0 + 0.0) / 3
+    assert tight.item() == pytest.approx(want_tight, rel=1e-6)
+    assert relu.item() == pytest.approx(want_relu, rel=1e-6)
+    l1.requires_grad_(True)
+    t, r = certmin.warmup_loss({1: (l1, u1), 5: (l3, u3)}, xl, xu, tau)
+    g, = torch.autograd.grad(t + r, l1)
+    assert g.isfinite().all()
 
 
 # ----------------------------------------------------------------------------------------------
