@@ -9,6 +9,7 @@
     python bench.py preset --out OUT --data D -- --cuda-graphs # a preset trained and verified, one folder
     python bench.py gpu-run --out OUT --data D                 # both, inside a time budget (--tiny: CPU)
     python bench.py rounding MODELS/*.pth runs/M/last.pt   # float32 vs float64 bounds, and what sound_bounds keeps
+    python bench.py recipe-cost                # the fast recipe's step (CNN-7) against the paper's (DM-large)
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -39,7 +40,7 @@ from train import strict_json
 
 STEPS = ("clean", "ibp", "crown-ibp", "advibp")
 TARGETS = {"ibp": 2.4, "crown-ibp": 15.0, "advibp": 5.0}
-BUILDERS = {"dm-small": certmin.dm_small, "dm-medium": certmin.dm_medium, "dm-large": certmin.dm_large}
+BUILDERS = train.MODELS
 
 
 class ChildError(Exception):
@@ -498,12 +499,16 @@ def verify_bench(argv):
 STEP_VARIANTS = "fp32,tf32,bf16,tf32+graphs,bf16+graphs,tf32+graphs+cl,bf16+graphs+cl"
 STEP_TARGET_MS = 8.0  # the joint-phase step, MNIST DM-large, batch 256, one H100
 PHASES = ("natural", "adv-warmup", "joint", "joint-final")
+IBP_PHASES = ("ibp", "ibp-final")  # --method ibp's
 
 
 def phase_epoch(cfg, phase):
-    """An epoch inside `phase` of cfg's AdvIBP schedule (mid-phase; for joint-final, once c_t is 0)."""
+    """An epoch inside `phase` of cfg's AdvIBP schedule (mid-phase; for joint-final, once c_t is 0), or of
+    --method ibp's (mid-ramp, and after it)."""
     (v0, v1), n = cfg["ver_ramp"], cfg["natural"]
-    return {"natural": n / 2, "adv-warmup": (n + v0) / 2, "joint": (v0 + v1) / 2, "joint-final": cfg["c_decay"][1] + 1}[phase]
+    i0, i1 = cfg.get("ibp_ramp") or (n, v1)
+    return {"natural": n / 2, "adv-warmup": (n + v0) / 2, "joint": (v0 + v1) / 2, "joint-final": cfg["c_decay"][1] + 1,
+            "ibp": (i0 + i1) / 2, "ibp-final": i1 + 1}[phase]
 
 
 def _step_setup(args, variant, seed=0, capture=None):
@@ -515,7 +520,8 @@ def _step_setup(args, variant, seed=0, capture=None):
     dev = torch.device(args.device)
     cfg = train.resolve(train.parse_args(
         ["--dataset", args.dataset, "--eps", args.eps, "--model", args.model, "--batch-size", str(args.batch),
-         "--seed", str(seed), "--precision", precision, "--clean-n", str(getattr(args, "clean_n", 0))]
+         "--seed", str(seed), "--precision", precision, "--clean-n", str(getattr(args, "clean_n", 0)),
+         "--recipe", getattr(args, "recipe", "paper"), "--method", getattr(args, "method", "advibp")]
         + ["--channels-last"] * cl))
     torch.manual_seed(seed)
     dist = train.Dist(dev)
@@ -607,7 +613,9 @@ def _train_step_bench_parser():
     ap.add_argument("--eps", default="0.3")
     ap.add_argument("--model", default="dm-large", choices=sorted(BUILDERS))
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--phase", default="joint", choices=PHASES)
+    ap.add_argument("--phase", default="joint", choices=PHASES + IBP_PHASES, help="ibp, ibp-final: with --method ibp")
+    ap.add_argument("--recipe", default="paper", choices=sorted(train.RECIPES), help="train.py --recipe")
+    ap.add_argument("--method", default="advibp", choices=("advibp", "ibp"), help="train.py --method")
     ap.add_argument("--variants", default=STEP_VARIANTS, help="comma-separated PRECISION[+graphs]; graphs need CUDA")
     ap.add_argument("--steps", type=int, default=50, help="steps per timing window")
     ap.add_argument("--windows", type=int, default=3)
@@ -634,7 +642,8 @@ def train_step_bench(argv):
         args.variant = args.check_one
         return _step_check(args)
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("dataset", "eps", "model", "batch", "phase", "steps",
-                                                                       "windows", "warmup", "device", "clean_n")]
+                                                                       "windows", "warmup", "device", "clean_n", "recipe",
+                                                                       "method")]
     common += [f"--profile={args.profile}"] if args.profile else []
     jobs = [("--one", v) for v in args.variants.split(",") if v] + ([("--check-one", "fp32")] if args.check else [])
     rows, check = [], None
@@ -644,7 +653,7 @@ def train_step_bench(argv):
         if args.json:
             with open(args.json, "w") as f:
                 f.write(strict_json({"device": dev, "torch": torch.__version__, "model": args.model, "dataset": args.dataset,
-                           "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
+                           "recipe": args.recipe, "method": args.method, "batch": args.batch, "phase": args.phase, "target_ms": STEP_TARGET_MS, "rows": rows,
                            "check": check}, indent=1))
     for flag, variant in jobs:
         cmd = [sys.executable, __file__, "train-step", *common, f"{flag}={variant}"]
@@ -974,8 +983,55 @@ def rounding(argv):
                                                "rows": rows}, indent=1))
 
 
+# ---------------------------------------------------------------------------------------------
+# The fast recipe's step against the paper's, per method: BatchNorm and the regularisers should be cheap
+# ---------------------------------------------------------------------------------------------
+
+RECIPE_COST_TARGET = 1.3  # the fast recipe's step (CNN-7) / the paper's (DM-large), same method, batch and phase
+
+
+def recipe_cost(argv):
+    """train.py's step with --recipe fast (CNN-7: BatchNorm, regularisers while eps ramps, clipping) against
+    --recipe paper (DM-large), for --method ibp and advibp, on the CIFAR shape, mid-ramp (where the
+    regularisers run), each in its own process."""
+    ap = argparse.ArgumentParser(prog="bench.py recipe-cost", description=recipe_cost.__doc__)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variant", default="fp32", help="PRECISION[+graphs][+cl], as for train-step")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for method, phase in (("ibp", "ibp"), ("advibp", "joint")):
+        ms = {}
+        for recipe, model in (("paper", "dm-large"), ("fast", "cnn7")):
+            cmd = [sys.executable, __file__, "train-step", "--dataset=cifar", "--eps=8/255", f"--model={model}",
+                   f"--batch={args.batch}", f"--phase={phase}", f"--steps={args.steps}", f"--windows={args.windows}",
+                   f"--warmup={args.warmup}", f"--device={args.device}", f"--recipe={recipe}", f"--method={method}",
+                   f"--one={args.variant}"]
+            ms[recipe] = child_json(cmd)["ms"]
+        rows.append({"method": method, "phase": phase, "paper_ms": ms["paper"], "fast_ms": ms["fast"],
+                     "ratio": ms["fast"] / ms["paper"]})
+        print(f"  measured {method}", file=sys.stderr, flush=True)
+    print(f"\nCIFAR shape, batch {args.batch}, {args.variant}, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| method (phase) | paper: DM-large | fast: CNN-7 | ratio | target |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        met = "met" if r["ratio"] <= RECIPE_COST_TARGET else "MISSED"
+        print(f"| {r['method']} ({r['phase']}) | {r['paper_ms']:.1f} ms | {r['fast_ms']:.1f} ms | {r['ratio']:.2f}x | "
+              f"<= {RECIPE_COST_TARGET}x ({met}) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(strict_json({"device": args.device, "torch": torch.__version__, "batch": args.batch,
+                                 "variant": args.variant, "target": RECIPE_COST_TARGET, "rows": rows}, indent=1))
+    return 0
+
+
 SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_report, "train-step": train_step_bench,
-               "preset": preset, "gpu-run": gpu_run, "rounding": rounding}
+               "preset": preset, "gpu-run": gpu_run, "rounding": rounding, "recipe-cost": recipe_cost}
 
 
 def main():

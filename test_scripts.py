@@ -125,6 +125,92 @@ def test_released_pipeline_trains_naturally_then_on_the_verified_loss_alone():
     assert train.schedule(crown, 75)["phase"] == "ver-ramp" and 0 < train.schedule(crown, 75)["beta"] < 1
 
 
+def test_fast_recipe_schedule_is_shi_et_als_with_advibps_phases_inside_it():
+    cifar = ("--dataset", "cifar", "--eps", "8/255", "--recipe", "fast")
+    cfg = config(*cifar, "--method", "ibp")
+    assert (cfg["epochs"], cfg["batch_size"], cfg["model"], cfg["init"], cfg["grad_clip"]) == (160, 128, "cnn7", "ibp", 10.0)
+    assert cfg["eps_train"] == cfg["eps"] == 8 / 255 and cfg["crop"] == [2, "replicate"] and cfg["ibp_ramp"] == [1, 81]
+    s = {e: train.schedule(cfg, e) for e in (0.5, 1, 41, 80.99, 81, 119.9, 120, 140)}
+    assert [s[e]["phase"] for e in s] == ["ibp"] * 4 + ["ibp-final"] * 4
+    assert s[0.5]["eps_ver"] == s[1]["eps_ver"] == 1e-6 and s[0.5]["reg"] == pytest.approx(0.5 * (1 - 1e-6 / cfg["eps_train"]))  # the floor
+    assert 1e-6 < s[41]["eps_ver"] < cfg["eps_train"] and 0 < s[41]["reg"] < 0.5 and s[41]["kappa"] == 0
+    assert s[81]["eps_ver"] == cfg["eps_train"] and s[81]["reg"] == 0 and s[81]["final"]
+    assert [s[e]["lr"] for e in (119.9, 120, 140)] == pytest.approx([5e-4, 1e-4, 2e-5])
+    adv = config(*cifar)
+    phases = [train.schedule(adv, e)["phase"] for e in (0, 9.9, 10, 80.9, 81, 159)]
+    assert phases == ["adv-warmup", "adv-warmup", "joint", "joint", "joint-final", "joint-final"]
+    assert train.schedule(adv, 81.5)["c_t"] == adv["c_max"] and train.schedule(adv, 98)["c_t"] == 0
+    assert 0 < train.schedule(adv, 50)["reg"] < 0.5 and train.schedule(adv, 100)["reg"] == 0
+    mnist = config("--dataset", "mnist", "--eps", "0.3", "--recipe", "fast", "--method", "ibp", "--epochs", "35")
+    assert mnist["epochs"] == 35 and mnist["ibp_ramp"] == [0, 10] and mnist["lr_decay"] == [25, 30]
+    assert mnist["eps_train"] == 0.4 and mnist["crop"] is None and mnist["batch_size"] == 256
+    paper = config("--dataset", "mnist", "--eps", "0.3", "--method", "ibp")  # the paper's preset is unchanged
+    assert paper["model"] == "dm-large" and paper["reg"] == 0 and paper["ibp_ramp"] == [10, 100]
+    assert train.schedule(paper, 50)["kappa"] == pytest.approx(1 - 0.5 * 40 / 90)
+
+
+def test_augment_with_edge_padding_crops_from_the_replicated_border():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = train.augment(x, 2, "replicate")
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(2):
+        windows = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+FAST = SMALL + ["--recipe", "fast", "--model", "dm-small-bn", "--epochs", "3"]
+
+
+@pytest.mark.parametrize("method", ["ibp", "advibp"])
+def test_fast_recipe_trains_with_batchnorm_resumes_exactly_and_verifies(method, tmp_path, capsys):
+    """A BatchNorm network through every phase of the fast recipe: the regularisers logged while eps ramps,
+    the running statistics updated, a resumed run equal to the uninterrupted one (weights and BatchNorm
+    buffers), and verify.py certifying the checkpoint in exact arithmetic (eval mode, running statistics)."""
+    opts = FAST + ["--method", method, "--allow-collapse"]
+    assert in_process(opts + ["--out", str(tmp_path / "a")]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    ramp = [r for r in log if not r["phases"][-1].endswith("final")]
+    assert ramp and all(r["reg"] > 0 and math.isfinite(r["reg_tight"]) and math.isfinite(r["reg_relu"]) for r in ramp)
+    ck = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert ck["model"]["1.num_batches_tracked"] == ck["step"]  # one clean pass per step updates them
+    assert in_process(opts + ["--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert in_process(opts + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = train.load_checkpoint(tmp_path / "b" / "last.pt")
+    for k, v in ck["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    capsys.readouterr()
+    assert verify.main(verify_args(tmp_path / "a" / "last.pt", "--eps", "0.01", "--methods", "ibp,crown-ibp")) == 0
+    assert "every certificate holds in exact arithmetic" in capsys.readouterr().out
+
+
+def test_fast_recipe_step_never_waits_for_the_device_and_graphs_match(monkeypatch):
+    """The fast recipe's steps (BatchNorm statistics, regularisers, gradient clipping) read nothing back to
+    the host, eager or on the graphs' path."""
+    import argparse
+    for method, phases in (("ibp", bench.IBP_PHASES), ("advibp", bench.PHASES)):
+        setup = argparse.Namespace(dataset="mnist", eps="0.3", model="dm-small-bn", batch=16, device="cpu", clean_n=8,
+                                   recipe="fast", method=method)
+        train_, cfg, model, run_step, tally, x, y = bench._step_setup(setup, "fp32+graphs", capture=False)
+        reads = host_reads(monkeypatch)
+        for phase in phases:
+            if phase == "natural":
+                continue  # the fast recipe has none
+            s = train_.schedule(cfg, bench.phase_epoch(cfg, phase))
+            assert s["phase"] == phase
+            for _ in range(train_.GraphedStep.WARMUP + 2):
+                with reads:
+                    run_step(x, y, s)
+                assert not reads.found, f"{method} {phase}: the step reads {dict(reads.found)} back to the host"
+        assert math.isfinite(tally.means()["loss_ver"])
+
+
+def test_latent_stages_refuse_a_batchnorm_model(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "mnist", "--eps", "0.3", "--recipe", "fast", "--latent-stages", "1"])
+    assert "cnn7 has BatchNorm" in capsys.readouterr().err
+
+
 def test_released_pipeline_with_first_tensor_weights_trains_and_resumes_exactly(tmp_path):
     opts = SMALL + ["--pipeline", "released", "--weight-scope", "first", "--allow-collapse"]
     assert in_process(opts + ["--out", str(tmp_path / "a")]) == 0
