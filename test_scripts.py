@@ -1234,3 +1234,34 @@ def test_prepared_released_pipeline_gpu_calls_dry_run(tmp_path):
         assert report["config"]["pipeline"] == "released" and report["rows"][0]["n"] == 200
     phases = {p for line in (out / "train_log.jsonl").read_text().splitlines() for p in json.loads(line)["phases"]}
     assert "latent" in phases and report["config"]["latent_stages"] == 1
+
+
+def test_prepared_fast_recipe_gpu_calls_dry_run(tmp_path):
+    """results/fast_recipe/gpu_calls.sh with TINY=1 on the CPU: CIFAR's parts pack and unpack byte for byte
+    (checked against their md5), call 1 trains MNIST with the recipe and call 3 CIFAR, each verified, each
+    leaving its logs and JSON (at most 8 files)."""
+    need_shared()
+    here = Path(__file__).resolve().parent
+    src = SHARED / "data" / "cifar10" / "cifar-10-batches-py"
+    data = tmp_path / "gpu" / "data"
+    shutil.copytree(src, data / "cifar10" / "cifar-10-batches-py")  # the training files; the parts bring the rest
+    (data / "cifar10" / "cifar-10-batches-py" / "batches.meta").unlink()
+    shutil.copytree(SHARED / "data" / "mnist", tmp_path / "gpu" / "mnist")
+    parts = here / "results" / "fast_recipe" / "cifar_parts.py"
+    for k in (1, 3):  # a small file per part: the real ones are packed the same way, 41 MB a part
+        pack = subprocess.run([sys.executable, str(parts), "pack", str(src), str(tmp_path / f"p{k}"), "--parts", "1",
+                               "--files", "batches.meta"], capture_output=True, text=True, timeout=60)
+        assert pack.returncode == 0, pack.stderr
+        shutil.move(tmp_path / f"p{k}" / "c1", tmp_path / "gpu" / f"c{k}")
+    env = {**os.environ, "TINY": "1", "GPU": str(tmp_path / "gpu"), "RUNS": str(tmp_path / "runs")}
+    for call, dataset in (("1", "mnist"), ("3", "cifar")):
+        out = tmp_path / f"out{call}"
+        done = subprocess.run(["bash", str(here / "results" / "fast_recipe" / "gpu_calls.sh"), call],
+                              cwd=here, env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert "batches.meta: 158 bytes, md5 checked" in done.stdout and "complete" in done.stdout, done.stdout[-3000:]
+        assert "[train: exit 0 " in done.stdout and "[verify: exit 0 " in done.stdout, done.stdout[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == ["train.log", "train_log.jsonl", "verify.json", "verify.log"]
+        report = json.loads((out / "verify.json").read_text())
+        assert report["config"]["recipe"] == "fast" and report["config"]["dataset"] == dataset
+        assert report["rows"][0]["n"] == 100 and report["certified_but_attacked"] == 0
