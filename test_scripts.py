@@ -142,7 +142,7 @@ def test_fast_recipe_schedule_is_shi_et_als_with_advibps_phases_inside_it():
     assert train.schedule(adv, 81.5)["c_t"] == adv["c_max"] and train.schedule(adv, 98)["c_t"] == 0
     assert 0 < train.schedule(adv, 50)["reg"] < 0.5 and train.schedule(adv, 100)["reg"] == 0
     mnist = config("--dataset", "mnist", "--eps", "0.3", "--recipe", "fast", "--method", "ibp", "--epochs", "35")
-    assert mnist["epochs"] == 35 and mnist["ibp_ramp"] == [0, 10] and mnist["lr_decay"] == [25, 30]
+    assert mnist["epochs"] == 35 and mnist["ibp_ramp"] == [0.5, 10.5] and mnist["lr_decay"] == [25, 30]
     assert mnist["eps_train"] == 0.4 and mnist["crop"] is None and mnist["batch_size"] == 256
     paper = config("--dataset", "mnist", "--eps", "0.3", "--method", "ibp")  # the paper's preset is unchanged
     assert paper["model"] == "dm-large" and paper["reg"] == 0 and paper["ibp_ramp"] == [10, 100]
