@@ -336,7 +336,7 @@ def _update_running(m, mean, var, n):
     """BatchNorm's running statistics after one training-mode batch of n values per channel (the running
     variance takes the unbiased batch variance)."""
     m.num_batches_tracked.add_(1)
-    rate = 1 / m.num_batches_tracked if m.momentum is None else m.momentum  # None: the cumulative average
+    rate = m.momentum if m.momentum is not None else (1 / m.num_batches_tracked).to(m.running_mean.dtype)  # None: the cumulative average
     m.running_mean.lerp_(mean.to(m.running_mean.dtype), rate)
     m.running_var.lerp_((var * n / max(n - 1, 1)).to(m.running_var.dtype), rate)
 

@@ -1142,6 +1142,22 @@ def test_batch_stats_are_training_mode_batchnorm():
     assert certmin.batch_stats(certmin.dm_small(side=12), x) == {}
 
 
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_batch_stats_running_statistics_over_several_batches(momentum):
+    """Three batches through batch_stats and through torch's training-mode BatchNorm: the same running
+    statistics and counts, for an exponential (momentum) and a cumulative (None) average, 2-D and 1-D."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=momentum), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(48, 5), nn.BatchNorm1d(5, momentum=momentum), nn.ReLU(), nn.Linear(5, 2)).double()
+    ref = copy.deepcopy(net)
+    for _ in range(3):
+        x = torch.rand(7, 1, 6, 6, dtype=torch.float64)
+        certmin.batch_stats(net, x)
+        ref(x)
+    for (name, a), b in zip(net.named_buffers(), ref.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-12), name
+
+
 def test_bn_eval_and_the_training_mode_refusals():
     net = certmin.dm_small(side=12, bn=True).train()
     net[1].eval()
