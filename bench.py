@@ -10,6 +10,7 @@
     python bench.py gpu-run --out OUT --data D                 # both, inside a time budget (--tiny: CPU)
     python bench.py rounding MODELS/*.pth runs/M/last.pt   # float32 vs float64 bounds, and what sound_bounds keeps
     python bench.py recipe-cost                # the fast recipe's step (CNN-7) against the paper's (DM-large)
+    python bench.py recipe-report OUT1 OUT3    # the fast recipe's device runs against their targets
 
 Each kind of step runs in its own subprocess, so that its peak memory (max RSS on the CPU, the
 allocator's peak on CUDA) is its own. Targets (DM-large, 3x32x32, batch 64, 2 CPU cores):
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -1030,8 +1032,50 @@ def recipe_cost(argv):
     return 0
 
 
+# The fast recipe's targets on one H100 / H200: IBP-verified error in % on the 10 000 test images and the
+# minutes to train and certify (train.py + verify.py), for the better of --method ibp and advibp
+RECIPE_TARGETS = {"cifar": {"verified_err": 66.57, "minutes": 10, "moonshot": 65.03},  # Fan & Li; Shi et al.
+                  "mnist": {"verified_err": 6.60, "minutes": 5}}
+
+
+def _call_seconds(d):
+    """Wall seconds from the start of training to the end of verification, from a gpu_calls.sh call's log
+    in d (its "[step: exit N after S s]" lines count from the call's start), or None without one."""
+    marks = {}
+    for log in d.glob("call*.log"):
+        for step, t in re.findall(r"\[(\w+)[^\]]*: exit \d+ after (\d+) s\]", log.read_text()):
+            marks[step] = int(t)
+    if "verify" not in marks:
+        return None
+    return marks["verify"] - marks.get("unpack", 0)
+
+
+def recipe_report(argv):
+    """The fast recipe's device runs against their targets: each DIR holds what a call of
+    results/fast_recipe/gpu_calls.sh brought back (verify.json, train_log.jsonl)."""
+    ap = argparse.ArgumentParser(prog="bench.py recipe-report", description=recipe_report.__doc__)
+    ap.add_argument("dirs", nargs="+")
+    args = ap.parse_args(argv)
+    print("| run | clean | PGD | IBP verified | target | train + verify | target | both met |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in map(Path, args.dirs):
+        report = json.loads((d / "verify.json").read_text())
+        cfg, r = report["config"], report["rows"][0]
+        seconds = _call_seconds(d) or (sum(rec["seconds"] for rec in _epoch_log(d / "train_log.jsonl")) +
+                                       sum(r["seconds"].values()))
+        target = RECIPE_TARGETS[cfg["dataset"]]
+        err, minutes = 100 * r["verified_err"]["ibp"], seconds / 60
+        met = err <= target["verified_err"] and minutes <= target["minutes"] and r["n"] == 10000
+        note = "" if r["n"] == 10000 else f" (on {r['n']} images only)"
+        print(f"| {cfg['dataset']} {cfg['method']} {cfg['model']} {cfg['epochs']} epochs | {100 * r['clean_err']:.2f} | "
+              f"{100 * r['pgd_err']:.2f} | {err:.2f} | <= {target['verified_err']} | {minutes:.1f} min | "
+              f"<= {target['minutes']} min | {'yes' if met else 'no'}{note} |")
+    return 0
+
+
 SUBCOMMANDS = {"study": study, "verify": verify_bench, "schedule": schedule_report, "train-step": train_step_bench,
-               "preset": preset, "gpu-run": gpu_run, "rounding": rounding, "recipe-cost": recipe_cost}
+               "preset": preset, "gpu-run": gpu_run, "rounding": rounding, "recipe-cost": recipe_cost,
+               "recipe-report": recipe_report}
 
 
 def main():

@@ -1265,3 +1265,9 @@ def test_prepared_fast_recipe_gpu_calls_dry_run(tmp_path):
         report = json.loads((out / "verify.json").read_text())
         assert report["config"]["recipe"] == "fast" and report["config"]["dataset"] == dataset
         assert report["rows"][0]["n"] == 100 and report["certified_but_attacked"] == 0
+        (out / f"call{call}.log").write_text(done.stdout)  # as the device call's tee keeps it
+    table = run_script(["bench.py", "recipe-report", str(tmp_path / "out1"), str(tmp_path / "out3")])
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()[2:]
+    assert len(rows) == 2 and rows[0].startswith("| mnist ibp dm-small-bn 2 epochs |") and "<= 6.6 |" in rows[0]
+    assert rows[1].startswith("| cifar ibp") and "<= 66.57 |" in rows[1] and rows[1].endswith("no (on 100 images only) |")
