@@ -856,29 +856,43 @@ def _window(T, y0, x0, h, w):
     return F.pad(T, (P, P, P, P)).flatten(2).gather(2, flat).view(N, C, R, h, w).transpose(1, 2)
 
 
-def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
-    """Lower and upper CROWN bounds (N, k) of the pre-activations idx (N, k) of ReLU i, whose layer
-    i - 1 is a Conv2d with only Conv2d / ReLU / Normalize / BatchNorm below it. A conv neuron depends on its
-    receptive field alone, so each row is kept as a patch over that field and its offset (the layout
-    auto_LiRPA calls "patches"): the backward pass costs the field's size, not the image's. ledger:
-    as for _backward (the bounds come back with every rounding charged)."""
-    ledger = ledger or _FLOATS
-    conv = layers[i - 1]
+def _patch_start(layers, i, idx, shapes):
+    """The rows of _patch_bounds before its walk: (A, bias, y0, x0, the first layer to walk back through).
+    Below a Conv2d, each row is its neuron's kernel over the receptive field; below a BatchNorm (on a
+    Conv2d), a one-hot patch of one pixel over its output's channels, which the walk takes back
+    through both."""
     cout, H, W = shapes[i]
     o, oh, ow = idx // (H * W), (idx // W) % H, idx % W
+    N, k = idx.shape
+    ar = lambda n: torch.arange(n, device=idx.device)  # noqa: E731
+    conv = layers[i - 1]
+    if not isinstance(conv, nn.Conv2d):
+        A = layers[i - 2].weight.new_zeros(N, k, cout, 1, 1)
+        A[ar(N).view(N, 1), ar(k).view(1, k), o, 0, 0] = 1
+        return torch.cat([A, -A], 1), A.new_zeros(N, 2 * k), oh.repeat(1, 2), ow.repeat(1, 2), i - 1
     cin, cg = shapes[i - 1][0], conv.weight.shape[1]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    N, k = idx.shape
     A = conv.weight.new_zeros(N, k, cin, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
-    ar = lambda n: torch.arange(n, device=idx.device)  # noqa: E731
     ci = ((o // (cout // conv.groups)) * cg).unsqueeze(-1) + ar(cg)
     A[ar(N).view(N, 1, 1, 1, 1), ar(k).view(1, k, 1, 1, 1), ci[..., None, None], (ar(kh) * dh).view(1, 1, 1, kh, 1),
       (ar(kw) * dw).view(1, 1, 1, 1, kw)] = conv.weight[o]
     bias = conv.bias[o] if conv.bias is not None else A.new_zeros(N, k)
     A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)       # lower rows, then upper rows
     y0, x0 = (oh * sh - ph).repeat(1, 2), (ow * sw - pw).repeat(1, 2)   # each patch's top-left corner
+    return A, bias, y0, x0, i - 2
+
+
+def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
+    """Lower and upper CROWN bounds (N, k) of the pre-activations idx (N, k) of ReLU i, whose layer
+    i - 1 is a Conv2d (or a BatchNorm on one) with only Conv2d / ReLU / Normalize / BatchNorm below it. A
+    conv neuron depends on its receptive field alone, so each row is kept as a patch over that field and
+    its offset (the layout auto_LiRPA calls "patches"): the backward pass costs the field's size, not the
+    image's. ledger: as for _backward (the bounds come back with every rounding charged)."""
+    ledger = ledger or _FLOATS
+    A, bias, y0, x0, top = _patch_start(layers, i, idx, shapes)
+    N, k = idx.shape
     ledger.begin(bias)
-    for j in range(i - 2, -1, -1):
+    for j in range(top, -1, -1):
         m = layers[j]
         h, w = A.shape[-2:]
         ledger.step(j, A, lambda v: _window(v, y0, x0, h, w))  # (called within step)
@@ -914,14 +928,15 @@ def _patch_bounds(layers, i, idx, pre, shapes, xl, xu, ledger=None):
 
 def _patch_elements(layers, i, shapes):
     """The largest patch (elements per row) of _patch_bounds for ReLU i, or None where patches do not
-    apply (layer i - 1 is not a Conv2d, or a Flatten / Linear lies below it)."""
-    if not (isinstance(layers[i - 1], nn.Conv2d) and
-            all(isinstance(m, (nn.Conv2d, nn.ReLU, Normalize, _ChannelAffine)) for m in layers[:i - 1])):
+    apply (layer i - 1 is neither a Conv2d nor a BatchNorm on one, or a Flatten / Linear lies below it)."""
+    top = i - 2 if isinstance(layers[i - 1], _ChannelAffine) and i >= 2 else i - 1  # the convolution
+    if not (isinstance(layers[top], nn.Conv2d) and
+            all(isinstance(m, (nn.Conv2d, nn.ReLU, Normalize, _ChannelAffine)) for m in layers[:top])):
         return None
-    m = layers[i - 1]
+    m = layers[top]
     h, w = [(k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation)]
-    size = shapes[i - 1][0] * h * w
-    for j in range(i - 2, -1, -1):
+    size = max(shapes[top][0] * h * w, shapes[i][0])
+    for j in range(top - 1, -1, -1):
         m = layers[j]
         if isinstance(m, nn.Conv2d):
             h, w = [(a - 1) * s + (k - 1) * d + 1 for a, s, k, d in zip((h, w), m.stride, m.kernel_size, m.dilation)]

@@ -1118,6 +1118,44 @@ def test_sound_bounds_charge_the_rounding_of_a_batchnorm_shift(method, dtype):
     assert ub.item() - lb.item() < 1e-3  # room of the order of M u, not more
 
 
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+@pytest.mark.parametrize("sound", [False, True])
+def test_crown_patches_through_batchnorm_equal_the_dense_rows(seed, method, sound):
+    """Full CROWN keeps a conv neuron's row as a patch also when a BatchNorm lies between the convolution
+    and the ReLU (the row starts one-hot over the BatchNorm's output): the same bounds as dense rows over
+    the whole layer, up to float64 rounding (and, for sound_bounds, its charges). Three conv-BatchNorm-ReLU
+    blocks (strides, padding, groups), so that the second and third ReLUs take the patch path."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1, groups=2),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(12, 3)).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.1)
+    x, y = torch.rand(2, 2, 6, 6, generator=g, dtype=torch.float64), torch.tensor([0, 2])
+    C = certmin.margin_spec(y, 3).double()
+    box = certmin.input_box(x, 0.05)
+    layers = certmin._layers(net)
+    shapes = certmin._ibp(layers, *box, record=True)[3]
+    assert all(certmin._patch_elements(layers, i, shapes) is not None for i in (5, 8))
+    run = certmin.sound_bounds if sound else certmin.bounds
+    lb, ub = run(net, *box, C, method)
+    real = certmin._patch_elements
+    try:
+        certmin._patch_elements = lambda *a: None
+        dlb, dub = run(net, *box, C, method)
+    finally:
+        certmin._patch_elements = real
+    scale = 1 + max(lb.abs().max().item(), ub.abs().max().item())
+    assert torch.allclose(lb, dlb, atol=1e-9 * scale) and torch.allclose(ub, dub, atol=1e-9 * scale)
+    assert (certmin.bounds(net, *box, C, "crown-ibp")[0] <= lb + 1e-9 * scale).all()  # CROWN's boxes did tighten
+
+
 def test_batch_stats_are_training_mode_batchnorm():
     """batch_stats' map equals torch's training-mode BatchNorm on the clean batch (outputs and running
     statistics after the step); forward(stats=) then updates nothing; the gradient flows through the
