@@ -29,7 +29,8 @@ if [ "$TINY" = 1 ]; then
     SIZE="--epochs 2 --train-n 256 --test-n 100 --batch-size 64 --precision fp32"
     MNIST_MODEL="--model dm-small-bn"; CIFAR_MODEL="--model dm-small-bn"; VSIZE="--n 100 --pgd-steps 5"
 else
-    DEV=cuda; TRAIN_S=${TRAIN_S:-480}; VERIFY_S=100; R=${RUNS:-/tmp/fr}
+    DEV=cuda; VERIFY_S=100; R=${RUNS:-/tmp/fr}
+    case "$1" in 1|2) TRAIN_S=${TRAIN_S:-240} ;; *) TRAIN_S=${TRAIN_S:-450} ;; esac  # MNIST, CIFAR
     SIZE="--precision bf16 --channels-last --clean-n 64 --test-n 1000"; MNIST_MODEL=""; CIFAR_MODEL=""
     VSIZE="--pgd-precision tf32"
 fi
