@@ -35,7 +35,8 @@ def certified_exactly(model, xl, xu, C, method, progress=None, alpha_steps=None)
 @contextlib.contextmanager
 def searching_in(precision, device):
     """The arithmetic PGD searches in (--pgd-precision): fp32, tf32 (TF32 convolutions and matmuls,
-    CUDA only; float32 elsewhere) or bf16 (autocast). Afterwards, and for everything else, float32."""
+    CUDA only; float32 elsewhere) or bf16 (autocast), inside the certmin.ieee guard that main() holds
+    for every other pass. Afterwards, the guard's IEEE float32 again."""
     was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         set_precision(precision)
@@ -154,9 +155,6 @@ def main(argv=None):
     if args.n:
         x, y = x[:args.n], y[:args.n]
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":  # TF32's ~1e-3 relative error could turn a non-certificate into one
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
@@ -165,10 +163,11 @@ def main(argv=None):
           f"{len(y)} test images, {args.dtype}, {device}, PGD searched in {args.pgd_precision}", flush=True)
     torch.manual_seed(args.seed)
     rows = []
-    for eps in eps_list:
-        step = step_size if step_size is not None else eps / 40
-        rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype, device,
-                            args.alpha_steps, args.pgd_precision))
+    with certmin.ieee(device.type):  # every pass in IEEE arithmetic (TF32's ~1e-3 could misjudge), but PGD's search
+        for eps in eps_list:
+            step = step_size if step_size is not None else eps / 40
+            rows.append(certify(model, x, y, eps, methods, args.pgd_steps, step, args.restarts, args.batch_size, dtype,
+                                device, args.alpha_steps, args.pgd_precision))
     print(table(rows, methods))
     print(f"{', '.join(methods)}: every certificate holds in exact arithmetic (certmin.sound_bounds)")
     for r in rows:
