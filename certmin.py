@@ -504,11 +504,11 @@ def margin_lower(model, xl, xu, C, beta=0.0, check=True, stats=None, pre=None):
     ReLU's input, keyed by layer index (for warmup_loss)."""
     layers = _layers(model, stats)
     lb, _, recorded, shapes = _ibp(layers, xl, xu, C, record=beta != 0 or pre is not None, check=check)
-    pre = {} if pre is None else pre
-    pre.update(recorded)
+    if pre is not None:
+        pre.update(recorded)
     if beta == 0:
         return lb
-    lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), pre, shapes, len(layers)), xl, xu)
+    lb_crown = _concretize(*_backward(layers, C.to(xl.dtype), recorded, shapes, len(layers)), xl, xu)
     return lb_crown if beta == 1 else beta * lb_crown + (1 - beta) * lb
 
 
@@ -548,7 +548,7 @@ def warmup_loss(pre, xl, xu, tau=0.5, model=None):
       neither kind outweighs the other by more than 1 / tau, 2 where one kind is missing. A layer
       where a ratio is 0 / 0 adds nothing to it.
     Both are what the warm-up adds, weighted, to the verified loss while eps ramps up."""
-    c, r = _centre_radius(xl, xu)
+    r = _centre_radius(xl, xu)[1]
     first = _layers(model, walk_only=True)[0] if model is not None else None
     d0 = (r / first.std if isinstance(first, Normalize) else r).mean()
     tight, relu = [], []
@@ -565,7 +565,7 @@ def warmup_loss(pre, xl, xu, tau=0.5, model=None):
         term = (F.relu(tau - ratios[0]) + F.relu(tau - ratios[1])) / tau
         relu.append(torch.where((big > 0).all(), term, 0))  # on the device: no host sync
     if not pre:
-        return c.new_zeros(()), c.new_zeros(())
+        return r.new_zeros(()), r.new_zeros(())
     return torch.stack(tight).mean(), torch.stack(relu).mean()
 
 
