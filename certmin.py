@@ -126,10 +126,9 @@ def cnn7(in_ch=3, side=32, classes=10, mean=None, std=None):
 def ibp_init(model):
     """IBP initialisation (Shi et al. 2021): every Linear / Conv2d weight but the last drawn from
     N(0, sigma^2), sigma = sqrt(2 pi) / fan_in, so that at initialisation an IBP box keeps its size from
-    layer to layer (E|w| fan_in = 1 with fan_in weights of mean |w| = sigma sqrt(2 / pi)) instead of
-    growing with every layer as it does under the usual initialisations: |W| r grows by fan_in E|w| =
-    fan_in sigma sqrt(2 / pi) = 2, and the ReLU after it halves an unstable neuron's interval on average.
-    Biases stay."""
+    layer to layer instead of growing with every layer as it does under the usual initialisations:
+    |W| r grows by fan_in E|w| = fan_in sigma sqrt(2 / pi) = 2, and the ReLU after it halves an unstable
+    neuron's interval on average. Biases stay."""
     affine = [m for m in _layers(model, walk_only=True) if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():
         for m in affine[:-1]:
@@ -202,20 +201,29 @@ class _ChannelAffine:
         return x * self.view(self.scale) + self.view(self.shift)
 
 
+def _bn_dims(m):
+    """The input dimensions BatchNorm m is bounded over: (N, C, H, W) or (N, C)."""
+    return 4 if isinstance(m, nn.BatchNorm2d) else 2
+
+
+def _bn_map(m, mean, var):
+    """(scale, shift) of BatchNorm m normalising with these statistics: (x - mean) / sqrt(var + eps) * w + b."""
+    scale = torch.rsqrt(var + m.eps)
+    scale = scale * m.weight if m.affine else scale
+    shift = -mean * scale
+    return scale, shift + m.bias if m.affine else shift
+
+
 def _bn_affine(m, stats):
     """BatchNorm m as a _ChannelAffine: with the clean batch's statistics where stats (batch_stats) has
     them, else, in eval mode, with its running ones."""
-    dims = 4 if isinstance(m, nn.BatchNorm2d) else 2
     if stats and m in stats:
-        return _ChannelAffine(*stats[m], dims)
+        return _ChannelAffine(*stats[m], _bn_dims(m))
     if m.training or m.running_mean is None:
         raise ValueError(f"{m} normalises with the statistics of the batch it sees (training mode, or no running "
                          "statistics): pass stats=certmin.batch_stats(model, x) for the clean batch x, or call "
                          "model.eval() to bound the network with its running statistics")
-    scale = torch.rsqrt(m.running_var + m.eps)
-    scale = scale * m.weight if m.affine else scale
-    shift = -m.running_mean * scale
-    return _ChannelAffine(scale, shift + m.bias if m.affine else shift, dims)
+    return _ChannelAffine(*_bn_map(m, m.running_mean, m.running_var), _bn_dims(m))
 
 
 def _layers(model, stats=None, walk_only=False):
@@ -323,10 +331,7 @@ def batch_stats(model, x):
         mean, var = hw.mean(dims), hw.var(dims, unbiased=False)
         if m.running_mean is not None:
             _update_running(m, mean.detach(), var.detach(), hw.numel() // hw.shape[1])
-        scale = torch.rsqrt(var + m.eps)
-        scale = scale * m.weight if m.affine else scale
-        shift = -mean * scale
-        stats[m] = (scale, shift + m.bias if m.affine else shift)
+        stats[m] = _bn_map(m, mean, var)
         h = _ChannelAffine(*stats[m], h.dim())(h)
     return stats
 
@@ -1219,7 +1224,7 @@ def _sound_bn(m, dtype):
         raise ValueError(f"{m} has a running variance of -eps or less, or infinite values: its scale is not finite")
     s_r = _up(6 * u * scale.abs() + tiny)
     t_r = _up(mean.abs() * s_r + 4 * u * (product.abs() + b.abs()) + 2 * tiny)
-    return _ChannelAffine(scale, b - product, 4 if isinstance(m, nn.BatchNorm2d) else 2, (s_r, t_r))
+    return _ChannelAffine(scale, b - product, _bn_dims(m), (s_r, t_r))
 
 
 def _w(m, dtype):
