@@ -860,6 +860,30 @@ def test_readme_test_command_shows_skip_reasons():
     assert command in readme and command in ci
 
 
+def test_readme_library_snippet_runs_as_written(capsys):
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, "README should hold exactly one python snippet"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"certified: \[(True|False)(, (True|False)){7}\]\n", out), out
+
+
+def test_code_and_readme_give_reasons_not_history():
+    """No commit ids, dates, issue numbers or files outside the repository in the code and README
+    (the notebook in results/ cites commits as provenance)."""
+    root = Path(__file__).resolve().parent
+    found = []
+    for name in ("certmin.py", "train.py", "verify.py", "bench.py", "test_certmin.py", "test_scripts.py",
+                 "README.md", ".ci/run"):
+        for i, line in enumerate((root / name).read_text().splitlines(), 1):
+            commits = [w for w in re.findall(r"\b[0-9a-f]{7,12}\b", line)
+                       if re.search(r"[a-f]", w) and re.search(r"[0-9]", w)]
+            if commits or re.search(r"\b[Ii]ssue \d+|\b20\d\d-\d\d-\d\d\b|method\.md|authors-code\.md", line):
+                found.append(f"{name}:{i}: {line.strip()[:80]}")
+    assert not found, "\n".join(found)
+
+
 def test_torchrun_two_gloo_processes_keep_identical_parameters(tmp_path):
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *SMALL,
                     "--device", "cpu", "--out", str(tmp_path / "d")])
