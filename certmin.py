@@ -478,13 +478,14 @@ def _eye_rows(start, stop, n, N, like):
 def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alpha_lr, ledger=None):
     """(lb, ub) of C f (or of the outputs) from the intermediate bounds pre: alpha-CROWN's optimised pass,
     or CROWN's. ledger: as for _backward."""
+    ledger = ledger or _FLOATS
     if C is None:
         C = _eye_rows(0, outputs, outputs, len(xl), xl)
     S = C.shape[1]
     A = torch.cat([C, -C], 1).to(xl.dtype)
     if method == "alpha-crown":  # examples are independent (Adam is elementwise): chunks bound the memory
         n = ALPHA_BUDGET // max(1, A.shape[1] * sum(math.prod(shapes[i]) for i in pre))
-    elif ledger is not None and ledger.sound:  # sound_bounds' passes hold a few more tensors of A's size
+    elif ledger.sound:  # sound_bounds' passes hold a few more tensors of A's size
         n = SOUND_BUDGET // (A.shape[1] * max(math.prod(s) for s in shapes))
     else:
         n = len(A)
@@ -492,12 +493,12 @@ def _last_pass(layers, xl, xu, C, pre, shapes, outputs, method, alpha_steps, alp
     for j in range(0, len(A), n):
         part = slice(j, j + n)
         p = {i: (lo[part], hi[part]) for i, (lo, hi) in pre.items()}
-        led = (ledger or _FLOATS).part(part)
+        led = ledger.part(part)
         if method == "alpha-crown":
             parts.append(_alpha_crown(layers, A[part], p, shapes, xl[part], xu[part], alpha_steps, alpha_lr, led))
         else:
             lb = _concretize(*_backward(layers, A[part], p, shapes, len(layers), ledger=led), xl[part], xu[part], led)
-            parts.append(lb if led is None else led.close(lb))
+            parts.append(led.close(lb))
     lbs = torch.cat(parts)
     return lbs[:, :S], -lbs[:, S:]
 
