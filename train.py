@@ -1012,7 +1012,8 @@ class Run:
         bs, dist = self.cfg["batch_size"], self.dist
         idx = self.perm[(k * bs):(k + 1) * bs][dist.rank::dist.world]
         x, y = self.x_train[idx].float() / 255, self.y_train[idx]
-        crop = self.cfg.get("crop", [4, "constant"] if self.cfg["dataset"] == "cifar" else None)  # a config without it: the paper's
+        # a config without "crop" gets the paper presets' augmentation (CIFAR: 4-pixel zero padding)
+        crop = self.cfg.get("crop", [4, "constant"] if self.cfg["dataset"] == "cifar" else None)
         if crop:
             x = augment(x, *crop)
         if self.cfg["channels_last"]:
